@@ -1,0 +1,27 @@
+// Schemas of every dfs_kernels op. Implementations register elsewhere: the ATen composites in
+// partitioned_conv2d.cpp, the CPU kernels in cpu/, the CUDA kernels in cuda/ (CUDA builds only).
+// Autograd formulas and fake (meta) implementations are registered from Python
+// (dfs_kernels/backends/aten/), which also defines these same schemas when this library is absent.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dfs_kernels, m) {
+  // Forward of the partitioned convolution: conv2d over all input channels; its backward keeps the
+  // input gradient of channels [0, shared_channels) only.
+  m.def(
+      "partitioned_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int shared_channels) -> Tensor");
+  // Input gradient of the channels [0, shared_channels) of a convolution, zeros on the rest.
+  m.def(
+      "partitioned_conv2d_input_grad(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int shared_channels) -> Tensor");
+  // Global average pool of an exit; its backward reaches only channels [shared_channels, C).
+  m.def("exit_avg_pool(Tensor input, int shared_channels) -> Tensor");
+  // grad_pooled [N, C] / (H * W) broadcast into channels [shared_channels, C) of [N, C, H, W], zeros elsewhere.
+  m.def(
+      "exit_avg_pool_backward(Tensor grad_pooled, SymInt[] input_size, int shared_channels, "
+      "bool channels_last) -> Tensor");
+  // cat(parts, dim=1) zero-filled up to `channels` channels, in one pass.
+  m.def("pad_channels(Tensor[] parts, int channels) -> Tensor");
+  // Channels [0, split) from head and [split, C) from tail, a missing one reading as zeros, in one pass.
+  m.def("merge_channels(Tensor? head, Tensor? tail, int split) -> Tensor");
+}

@@ -1,0 +1,39 @@
+"""dfs_kernels: exact and fast Deep Feature Surgery for multi-exit networks.
+
+Swap ``nn.Conv2d`` for ``dfs_kernels.PartitionedConv2d`` (or call ``dfs_kernels.convert(model)``),
+reference features at exits with ``ExitHead`` / ``FeatureReroute``, and train as usual.
+"""
+
+from . import _library
+from . import functional, reference
+from .backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    resolve_backend,
+    unavailable_reason,
+)
+from .nn import ExitHead, FeatureReroute, PartitionedConv2d, convert
+
+__version__ = "0.1.0"
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled ops library (dfs_kernels/_C) is loaded; see ``dfs_kernels._library``."""
+    return _library.LOADED
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "ExitHead",
+    "FeatureReroute",
+    "PartitionedConv2d",
+    "available_backends",
+    "convert",
+    "extension_loaded",
+    "functional",
+    "reference",
+    "resolve_backend",
+    "unavailable_reason",
+]

@@ -1,0 +1,139 @@
+"""The DFS ops as functions. Each validates its arguments, resolves ``backend`` and calls that
+backend's implementation (see ``dfs_kernels.backends``).
+
+Notation (DESIGN.md §1): for a feature map x [N, C, H, W] and Cp = ``shared_channels``,
+``x+ = x[:, :Cp]`` (shared), ``x- = x[:, Cp:]`` (referenced), ``sg`` = stop-gradient.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from ._validation import check_feature_map, check_matches, check_shared_channels
+
+__all__ = ["exit_avg_pool", "exit_reference", "partitioned_conv2d", "reroute"]
+
+
+def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum for v in value)
+    ):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _numeric_padding(input, weight, padding, stride, dilation):
+    """(input, (pad_h, pad_w)) with string padding turned into numbers. "same" with an odd total
+    padding pads one extra row/column at the bottom/right, as torch's conv2d does."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return input, (0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' requires stride=1, got stride={stride}")
+        totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        before = tuple(total // 2 for total in totals)
+        extra_h, extra_w = (total - 2 * b for total, b in zip(totals, before))
+        if extra_h or extra_w:
+            input = F.pad(input, [0, extra_w, 0, extra_h])
+        return input, before
+    return input, _pair(padding, "padding", 0)
+
+
+def partitioned_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    shared_channels: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``conv2d([x+, sg(x-)], weight, bias)``: a convolution whose input gradient reaches only the
+    first ``shared_channels`` input channels.
+
+    Args:
+        input: [N, C_in, H, W] (or unbatched [C_in, H, W]).
+        weight: [C_out, C_in / groups, kH, kW].
+        bias: [C_out] or None.
+        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d`` (padding may be
+            "same" or "valid").
+        shared_channels: Cp in [0, C_in]; channels [0, Cp) are shared, [Cp, C_in) referenced.
+        backend: "auto" or a name from ``dfs_kernels.available_backends()``.
+
+    Returns:
+        [N, C_out, H_out, W_out], equal to ``conv2d(input, weight, bias, ...)``. Backward gives the
+        weight and bias gradients in full and an input gradient that is zero on [Cp, C_in), where
+        backends other than "reference" never compute it.
+    """
+    unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    check_feature_map(input, "input")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D [C_out, C_in / groups, kH, kW] tensor, got {weight!r:.80}")
+    check_matches(weight, input, "weight")
+    check_matches(bias, input, "bias")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    in_channels, out_channels = weight.shape[1] * groups, weight.shape[0]
+    if input.shape[1] != in_channels:
+        raise ValueError(
+            f"input must have weight.shape[1] * groups = {in_channels} channels, got shape {tuple(input.shape)}"
+        )
+    if out_channels % groups != 0:
+        raise ValueError(f"groups={groups} must divide weight.shape[0]={out_channels}")
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    check_shared_channels(shared_channels, in_channels)
+    stride, dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+
+    name = backends.resolve_backend(backend, input.device)
+    implementation = backends.implementation(name, input.device)
+    if name != "reference":  # the oracle keeps torch's own handling of string padding
+        input, padding = _numeric_padding(input, weight, padding, stride, dilation)
+    output = implementation.partitioned_conv2d(
+        input, weight, bias, stride, padding, dilation, int(groups), int(shared_channels)
+    )
+    return output.squeeze(0) if unbatched else output
+
+
+def reroute(
+    x: torch.Tensor, shared_channels: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split point of a DFS network: ``(backbone, exit) = ([x+, sg(x-)], [sg(x+), x-])``.
+
+    x: [N, C, H, W]. Both outputs equal ``x`` in the forward (views, no copy). In the backward, the
+    gradient of ``x`` is the backbone gradient on [:Cp] and the exit gradient on [Cp:], assembled in
+    one pass.
+    """
+    check_feature_map(x, "x")
+    check_shared_channels(shared_channels, x.shape[1])
+    return backends.implementation(backend, x.device).reroute(x, int(shared_channels))
+
+
+def exit_reference(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
+    """``[sg(x+), x-]``: the forward is ``x``; the gradient reaches only channels [Cp:]. x: [N, C, H, W]."""
+    check_feature_map(x, "x")
+    check_shared_channels(shared_channels, x.shape[1])
+    return backends.implementation(backend, x.device).exit_reference(x, int(shared_channels))
+
+
+def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
+    """``mean([sg(x+), x-], dim=(2, 3))``, the pooled read of an exit. [N, C, H, W] -> [N, C]."""
+    check_feature_map(x, "x")
+    check_shared_channels(shared_channels, x.shape[1])
+    return backends.implementation(backend, x.device).exit_avg_pool(x, int(shared_channels))

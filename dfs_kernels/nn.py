@@ -1,0 +1,187 @@
+"""Modules: ``PartitionedConv2d`` (a drop-in ``nn.Conv2d``), ``ExitHead``, ``FeatureReroute`` and
+``convert``, which turns the convolutions of an existing model into partitioned ones."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional
+from ._validation import check_beta, check_feature_map, shared_channels_for
+from .backends import check_backend_name
+
+__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "convert"]
+
+
+class PartitionedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose input is partitioned for Deep Feature Surgery: ``conv([x+, sg(x-)])``.
+
+    Same constructor arguments, parameters, initialization and state_dict keys as ``nn.Conv2d``, so
+    a checkpoint loads into either. The forward equals ``nn.Conv2d``'s; in the backward the input
+    gradient reaches only the first ``shared_channels`` (Cp) input channels, and the backends other
+    than "reference" never compute it for the others: the input-gradient work drops to Cp / C_in.
+
+    Keyword-only args:
+        beta: fraction of shared input channels, in [0, 1]; Cp = round(beta * in_channels).
+        shared_channels: Cp as an int in [0, in_channels]; overrides ``beta``.
+        backend: "auto" or a backend name (``dfs_kernels.available_backends()``).
+
+    Shapes: input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, H_out, W_out].
+
+    With groups > 1 the shared channels' gradient is computed by one grouped call for the groups they
+    fill and one call for the group they cut, if any; the saving is exact but the extra call costs a
+    launch. Depthwise convolutions (groups == in_channels) save in proportion like dense ones.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        beta: float = 0.5,
+        shared_channels: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self.shared_channels = shared_channels_for(in_channels, beta, shared_channels)
+        check_backend_name(backend)
+        self.backend = backend
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return functional.partitioned_conv2d(
+            input, weight, bias, self.stride, padding, self.dilation, self.groups,
+            shared_channels=self.shared_channels, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared_channels={self.shared_channels}, backend={self.backend!r}"
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, *, beta: float = 0.5, shared_channels: int | None = None, backend: str = "auto"
+    ) -> PartitionedConv2d:
+        """A PartitionedConv2d that shares ``conv``'s parameters (the same Parameter objects, so an
+        optimizer built on ``conv`` keeps working) and its configuration."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        partitioned = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+            beta=beta, shared_channels=shared_channels, backend=backend,
+        )
+        _adopt(partitioned, conv)
+        return partitioned
+
+    def to_conv(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` with the same parameters (shared, not copied): for export and
+        inference, where forward values are identical."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, self.bias is not None, self.padding_mode, device="meta",
+        )
+        _adopt(conv, self)
+        return conv
+
+
+def _adopt(target: nn.Conv2d, source: nn.Conv2d) -> None:
+    target.weight = source.weight
+    target.bias = source.bias
+    target.train(source.training)
+
+
+class ExitHead(nn.Module):
+    """The VGG exit of DESIGN.md §1: ``fc(global_avg_pool([sg(x+), x-]))``.
+
+    Its gradient reaches only the referenced channels [Cp, C) of x; ``shared_channels=0`` lets it
+    reach every channel (the ``exit_grad="all"`` variant). Shapes: x [N, C, H, W] -> [N, num_classes].
+    State_dict keys: ``fc.weight`` (and ``fc.bias``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        beta: float = 0.5,
+        shared_channels: int | None = None,
+        bias: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.shared_channels = shared_channels_for(in_channels, beta, shared_channels)
+        check_backend_name(backend)
+        self.backend = backend
+        self.fc = nn.Linear(in_channels, num_classes, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, "x", channels=self.fc.in_features)
+        pooled = functional.exit_avg_pool(x, self.shared_channels, backend=self.backend)
+        return self.fc(pooled)
+
+    def extra_repr(self) -> str:
+        return f"shared_channels={self.shared_channels}, backend={self.backend!r}"
+
+
+class FeatureReroute(nn.Module):
+    """A DFS split point: ``forward(x) -> (backbone, exit)`` with backbone = ``[x+, sg(x-)]`` and
+    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W]."""
+
+    def __init__(
+        self, channels: int, *, beta: float = 0.5, shared_channels: int | None = None, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.shared_channels = shared_channels_for(channels, beta, shared_channels)
+        check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_feature_map(x, "x", channels=self.channels)
+        return functional.reroute(x, self.shared_channels, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, shared_channels={self.shared_channels}, backend={self.backend!r}"
+
+
+def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, backend: str = "auto") -> nn.Module:
+    """Replaces, in place, every ``nn.Conv2d`` of ``model`` by a ``PartitionedConv2d`` sharing its
+    parameters, with Cp = round(beta * in_channels). Returns ``model`` (or, when ``model`` is itself
+    an ``nn.Conv2d`` converted with ``skip_first=False``, its replacement).
+
+    The first convolution in module order (the one that sees the image) stays a plain ``nn.Conv2d``
+    unless ``skip_first=False``: its input has no exit to reference. Only modules whose type is
+    exactly ``nn.Conv2d`` are replaced; subclasses (including PartitionedConv2d) are left alone.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_beta(beta)
+    check_backend_name(backend)
+    convs = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if skip_first and convs:
+        convs = convs[1:]
+    for name, module in convs:
+        if type(module) is not nn.Conv2d:
+            continue
+        if not name:  # the model is itself a convolution: nothing holds it, so return its replacement
+            return PartitionedConv2d.from_conv(module, beta=beta, backend=backend)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, PartitionedConv2d.from_conv(module, beta=beta, backend=backend))
+    return model

@@ -1,0 +1,69 @@
+"""The literal eager formulation of Deep Feature Surgery: the oracle every backend is tested against.
+
+Each function is written the way the original research code does it (split, detach, separate
+convolutions, add, cat), trading speed for being obviously right. Notation (DESIGN.md §1):
+``x+ = x[:, :Cp]`` are the shared channels, ``x- = x[:, Cp:]`` the referenced ones, ``sg`` is
+``detach``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def partition(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
+    """``[x+, sg(x-)]``: what the next backbone layer consumes. [N, C, H, W] -> [N, C, H, W]."""
+    return torch.cat([x[:, :shared_channels], x[:, shared_channels:].detach()], dim=1)
+
+
+def exit_reference(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
+    """``[sg(x+), x-]``: what an exit consumes. [N, C, H, W] -> [N, C, H, W]."""
+    return torch.cat([x[:, :shared_channels].detach(), x[:, shared_channels:]], dim=1)
+
+
+def reroute(x: torch.Tensor, shared_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone view ``[x+, sg(x-)]`` and the exit view ``[sg(x+), x-]`` of one split point."""
+    return partition(x, shared_channels), exit_reference(x, shared_channels)
+
+
+def partitioned_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    shared_channels: int,
+) -> torch.Tensor:
+    """``conv(x+, W+) + conv(sg(x-), W-) + b`` with W split along its input channels.
+
+    input [N, C_in, H, W], weight [C_out, C_in / groups, kH, kW], bias [C_out] -> [N, C_out, H_out, W_out].
+    With groups > 1 a split of W along input channels cuts through groups, so the grouped case
+    convolves ``[x+, sg(x-)]`` as one tensor, the same function by linearity.
+    """
+    cp, channels = shared_channels, input.shape[1]
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if cp == channels:
+        return F.conv2d(input, weight, bias, **conv)
+    if cp == 0:
+        return F.conv2d(input.detach(), weight, bias, **conv)
+    if groups != 1:
+        return F.conv2d(partition(input, cp), weight, bias, **conv)
+    shared = F.conv2d(input[:, :cp], weight[:, :cp], bias, **conv)
+    referenced = F.conv2d(input[:, cp:].detach(), weight[:, cp:], None, **conv)
+    return shared + referenced
+
+
+def exit_avg_pool(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
+    """Global average pool of the exit view. [N, C, H, W] -> [N, C]."""
+    return exit_reference(x, shared_channels).mean(dim=(2, 3))
+
+
+def exit_head(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared_channels: int
+) -> torch.Tensor:
+    """``fc(pool([sg(x+), x-]))``, the VGG exit. x [N, C, H, W], weight [K, C], bias [K] -> [N, K]."""
+    return F.linear(exit_avg_pool(x, shared_channels), weight, bias)

@@ -1,0 +1,48 @@
+"""Shared test helpers: building inputs in a given memory layout and comparing a backend with the
+reference on outputs and every gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from dfs_kernels.testing import assert_close
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def feature_map(shape, *, layout="contiguous", dtype=torch.float32, device="cpu"):
+    """A leaf tensor ``base`` (requires grad) and the view ``x`` of it in the requested layout:
+    contiguous NCHW, channels_last, or a non-contiguous view (every other column of a wider map)."""
+    n, c, h, w = shape
+    if layout == "strided":
+        base = torch.randn(n, c, h, 2 * w, dtype=dtype, device=device).requires_grad_()
+        return base, base[..., ::2]
+    base = torch.randn(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    base.requires_grad_()
+    return base, base
+
+
+def compare_backward(run_actual, run_expected, leaves, *, dtype=None, names=None, seed=1):
+    """Runs both functions on clones of ``leaves`` (each returns one tensor or a tuple), backpropagates
+    the same random cotangents and compares outputs and every leaf's gradient."""
+    def run(fn):
+        clones = [leaf.detach().clone().requires_grad_(leaf.requires_grad) for leaf in leaves]
+        outputs = fn(*clones)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        generator = torch.Generator(device=outputs[0].device).manual_seed(seed)
+        cotangents = [
+            torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device) for out in outputs
+        ]
+        torch.autograd.backward(outputs, cotangents)
+        return outputs, [clone.grad for clone in clones]
+
+    actual_out, actual_grads = run(run_actual)
+    expected_out, expected_grads = run(run_expected)
+    names = names or [f"leaf{i}" for i in range(len(leaves))]
+    for i, (a, e) in enumerate(zip(actual_out, expected_out)):
+        assert_close(a, e, name=f"output{i}", dtype=dtype)
+    for name, leaf, a, e in zip(names, leaves, actual_grads, expected_grads):
+        if leaf.requires_grad:
+            assert_close(a, e, name=f"grad of {name}", dtype=dtype, like=leaf)

@@ -1,0 +1,111 @@
+"""The registered dfs_kernels ops: schema, fake implementations and autograd registration
+(torch.library.opcheck), and torch.compile(fullgraph=True) of models using them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dfs_kernels
+from conftest import requires_aten
+
+pytestmark = requires_aten
+
+
+def _ops():
+    return torch.ops.dfs_kernels
+
+
+def opcheck_cases():
+    x = torch.randn(2, 6, 5, 4)
+    x_cl = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 6, 3, 3)
+    w_grouped = torch.randn(4, 3, 3, 3)
+    grad_out = torch.randn(2, 4, 5, 4)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return [
+        ("partitioned_conv2d", (leaf(x), leaf(w), leaf(torch.randn(4)), [1, 1], [1, 1], [1, 1], 1, 2)),
+        ("partitioned_conv2d", (leaf(x_cl), leaf(w_grouped), None, [2, 1], [1, 2], [1, 2], 2, 4)),
+        ("partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 3)),
+        ("partitioned_conv2d_input_grad", (grad_out, x_cl, w_grouped, [1, 1], [1, 1], [1, 1], 2, 4)),
+        ("partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 0)),
+        ("exit_avg_pool", (leaf(x), 2)),
+        ("exit_avg_pool", (leaf(x_cl), 0)),
+        ("exit_avg_pool_backward", (torch.randn(2, 6), [2, 6, 5, 4], 2, False)),
+        ("exit_avg_pool_backward", (torch.randn(6, 2).t(), [2, 6, 5, 4], 5, True)),
+        ("pad_channels", ([torch.randn(2, 2, 5, 4), torch.randn(2, 1, 5, 4)], 6)),
+        ("pad_channels", ([x_cl[:, :3]], 6)),
+        ("merge_channels", (x, x_cl, 2)),
+        ("merge_channels", (None, x, 4)),
+        ("merge_channels", (x_cl, None, 6)),
+    ]
+
+
+@pytest.mark.parametrize("name, args", opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(_ops(), name).default, args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_channel_ops_values(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    head = torch.randn(2, 7, 3, 5).contiguous(memory_format=fmt)
+    tail = torch.randn(2, 7, 3, 5)
+    merged = _ops().merge_channels(head, tail, 3)
+    torch.testing.assert_close(merged, torch.cat([head[:, :3], tail[:, 3:]], 1), rtol=0, atol=0)
+    assert merged.is_contiguous(memory_format=fmt)
+    padded = _ops().pad_channels([head[:, :2], tail[:, 4:5]], 7)
+    expected = torch.cat([head[:, :2], tail[:, 4:5], torch.zeros(2, 4, 3, 5)], 1)
+    torch.testing.assert_close(padded, expected, rtol=0, atol=0)
+    grad = _ops().exit_avg_pool_backward(torch.randn(2, 7), [2, 7, 3, 5], 3, channels_last)
+    assert grad.is_contiguous(memory_format=fmt) and grad[:, :3].abs().max() == 0
+
+
+def test_pad_channels_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="channels must be at least"):
+        _ops().pad_channels([torch.randn(1, 4, 2, 2)], 3)
+    with pytest.raises(RuntimeError, match=r"parts\[1\] must have the first source's N, H, W"):
+        _ops().pad_channels([torch.randn(1, 4, 2, 2), torch.randn(1, 4, 3, 2)], 9)
+    with pytest.raises(RuntimeError, match="no tensor arguments"):  # the dispatcher needs one to route
+        _ops().merge_channels(None, None, 0)
+
+
+class TinyMultiExit(nn.Module):
+    """conv -> split point -> conv, with an exit on the split point and one at the end."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.reroute = dfs_kernels.FeatureReroute(8, beta=0.5, backend=backend)
+        self.body = dfs_kernels.PartitionedConv2d(8, 6, 3, padding=1, bias=False, beta=0.5, backend=backend)
+        self.exit1 = dfs_kernels.ExitHead(8, 5, beta=0.5, backend=backend)
+        self.exit2 = dfs_kernels.ExitHead(6, 5, shared_channels=0, backend=backend)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        backbone, exit_view = self.reroute(x)
+        return self.exit1(exit_view), self.exit2(torch.relu(self.body(backbone)))
+
+
+def _loss_and_grads(model, x, forward=None):
+    model.zero_grad()
+    loss = sum(logits.square().mean() for logits in (model if forward is None else forward)(x))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_compile_fullgraph_matches_eager(compile_backend, channels_last):
+    torch._dynamo.reset()
+    model = TinyMultiExit("aten")
+    x = torch.randn(2, 3, 9, 7)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    eager_loss, eager_grads = _loss_and_grads(model, x)
+    compiled = torch.compile(model, backend=compile_backend, fullgraph=True)
+    loss, grads = _loss_and_grads(model, x, forward=compiled)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,193 @@
+"""partitioned_conv2d on every backend against dfs_kernels.reference: output and the gradients of
+input, weight and bias, over kernel sizes, strides, paddings, dilations, groups, shared-channel
+counts, memory layouts and dtypes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dfs_kernels
+from dfs_kernels import functional, reference
+from helpers import LAYOUTS, compare_backward, feature_map
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    in_channels: int
+    out_channels: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] | str = 0
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = True
+    size: tuple[int, int] = (9, 7)
+    batch: int = 2
+
+    def kernel(self) -> tuple[int, int]:
+        k = self.kernel_size
+        return (k, k) if isinstance(k, int) else k
+
+    def shared_channel_counts(self) -> list[int]:
+        c = self.in_channels
+        return sorted({0, 1, c - 1, c, round(0.5 * c)})
+
+
+CONVS = {
+    "k1": Conv(6, 5, 1, size=(7, 5)),
+    "k3-batch1": Conv(6, 4, 3, padding=1, bias=False, batch=1),
+    "k5-stride2": Conv(5, 6, 5, stride=2, padding=2, size=(11, 9)),
+    "k7": Conv(4, 4, 7, padding=3, size=(9, 8)),
+    "k3x5-nonsquare": Conv(6, 5, (3, 5), stride=(2, 1), padding=(1, 2), size=(9, 10)),
+    "same-dilation2": Conv(6, 4, 3, padding="same", dilation=2),
+    "same-even-kernel": Conv(6, 4, (2, 4), padding="same", bias=False),
+    "valid-stride2": Conv(6, 4, 3, stride=2, padding="valid"),
+    "stride2-dilation2": Conv(7, 3, 3, stride=2, dilation=2, size=(13, 11)),
+    "groups2": Conv(8, 6, 3, padding=1, groups=2),
+    "groups4-stride2": Conv(8, 8, 3, stride=2, padding=1, groups=4, bias=False),
+    "depthwise": Conv(6, 6, 3, padding=1, groups=6),
+    "depthwise-x2-dilation2": Conv(4, 8, 3, padding=2, dilation=2, groups=4),
+}
+
+CASES = [
+    pytest.param(conv, cp, id=f"{name}-cp{cp}")
+    for name, conv in CONVS.items()
+    for cp in conv.shared_channel_counts()
+]
+
+
+def conv_leaves(conv: Conv, layout: str, dtype: torch.dtype, device="cpu"):
+    base, _ = feature_map((conv.batch, conv.in_channels, *conv.size), layout=layout, dtype=dtype, device=device)
+    weight = torch.randn(
+        conv.out_channels, conv.in_channels // conv.groups, *conv.kernel(), dtype=dtype, device=device
+    ).requires_grad_()
+    bias = torch.randn(conv.out_channels, dtype=dtype, device=device).requires_grad_() if conv.bias else None
+    return [t for t in (base, weight, bias) if t is not None]
+
+
+def view_of(layout: str):
+    return (lambda base: base[..., ::2]) if layout == "strided" else (lambda base: base)
+
+
+def check_backend(backend: str, conv: Conv, cp: int, layout: str, dtype: torch.dtype, device="cpu", tol=None):
+    leaves = conv_leaves(conv, layout, dtype, device)
+    view = view_of(layout)
+    args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def actual(base, weight, bias=None):
+        return functional.partitioned_conv2d(view(base), weight, bias, **args, shared_channels=cp, backend=backend)
+
+    def expected(base, weight, bias=None):
+        return reference.partitioned_conv2d(view(base), weight, bias, **args, shared_channels=cp)
+
+    compare_backward(actual, expected, leaves, dtype=tol or dtype, names=["input", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conv, cp", CASES)
+@pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
+def test_matches_reference_cpu(backend, conv, cp, layout, dtype):
+    check_backend(backend, conv, cp, layout, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conv, cp", CASES)
+@pytest.mark.parametrize("backend", dfs_kernels.BACKENDS)
+def test_matches_reference_cuda(backend, conv, cp, layout, dtype):
+    if dfs_kernels.unavailable_reason(backend, "cuda"):
+        pytest.skip(dfs_kernels.unavailable_reason(backend, "cuda"))
+    # cuDNN may run float32 convolutions on TF32 tensor cores.
+    tol = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else dtype
+    check_backend(backend, conv, cp, layout, dtype, device="cuda", tol=tol)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
+def test_module_padding_modes(backend, padding_mode, layout):
+    conv = dfs_kernels.PartitionedConv2d(
+        6, 5, 3, stride=2, padding=(1, 2), padding_mode=padding_mode, shared_channels=2, backend=backend
+    ).double()
+    plain = torch.nn.Conv2d(6, 5, 3, stride=2, padding=(1, 2), padding_mode=padding_mode).double()
+    plain.load_state_dict(conv.state_dict())
+    base, _ = feature_map((2, 6, 9, 7), layout=layout, dtype=torch.float64)
+    view = view_of(layout)
+
+    def expected(base, weight, bias):
+        x = view(base)
+        if padding_mode == "zeros":
+            return reference.partitioned_conv2d(x, weight, bias, stride=2, padding=(1, 2), shared_channels=2)
+        # Other modes prepend a differentiable pad to the oracle, as nn.Conv2d does.
+        padded = torch.nn.functional.pad(x, plain._reversed_padding_repeated_twice, mode=padding_mode)
+        return reference.partitioned_conv2d(padded, weight, bias, stride=2, padding=0, shared_channels=2)
+
+    def actual(base, weight, bias):
+        return torch.func.functional_call(conv, {"weight": weight, "bias": bias}, (view(base),))
+
+    compare_backward(actual, expected, [base, plain.weight, plain.bias], names=["input", "weight", "bias"])
+
+
+@pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
+def test_unbatched_input(backend):
+    conv = dfs_kernels.PartitionedConv2d(4, 3, 3, padding=1, backend=backend)
+    x = torch.randn(4, 5, 6)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+@pytest.mark.parametrize("conv", [CONVS["k3-batch1"], CONVS["groups2"], CONVS["depthwise"], CONVS["same-even-kernel"]],
+                         ids=["dense", "groups2", "depthwise", "same-even"])
+@pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
+def test_gradcheck(backend, conv):
+    """Numerical gradients of the shared channels (the referenced ones are held constant, as the
+    stop-gradient says), of weight and bias, in float64."""
+    cp = conv.in_channels // 2 + 1
+    x = torch.randn(conv.batch, conv.in_channels, *conv.size, dtype=torch.float64)
+    shared, referenced = x[:, :cp].clone().requires_grad_(), x[:, cp:].clone()
+    weight = torch.randn(conv.out_channels, conv.in_channels // conv.groups, *conv.kernel(), dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(conv.out_channels, dtype=torch.float64, requires_grad=True)
+
+    def fn(shared, weight, bias):
+        return functional.partitioned_conv2d(
+            torch.cat([shared, referenced], 1), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+            shared_channels=cp, backend=backend,
+        )
+
+    assert torch.autograd.gradcheck(fn, (shared, weight, bias))
+
+
+@pytest.mark.parametrize("conv, cp", [
+    (CONVS["k3-batch1"], 3), (CONVS["groups2"], 5), (CONVS["groups4-stride2"], 4), (CONVS["depthwise"], 2),
+], ids=["dense", "groups2-partial", "groups4-whole", "depthwise"])
+def test_aten_backend_never_computes_referenced_input_grad(conv, cp):
+    """The input-gradient convolutions that run see only the shared channels, and together exactly
+    Cp of them; weight gradients still cover every input channel."""
+    if "aten" not in dfs_kernels.available_backends("cpu"):
+        pytest.skip("aten backend unavailable")
+    base, weight, *bias = conv_leaves(conv, "contiguous", torch.float32)
+    out = functional.partitioned_conv2d(
+        base, weight, bias[0] if bias else None, conv.stride, conv.padding, conv.dilation, conv.groups,
+        shared_channels=cp, backend="aten",
+    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.sum().backward()
+    input_grad_channels, weight_grad_channels = 0, 0
+    for event in prof.events():
+        if event.name != "aten::convolution_backward":
+            continue
+        input_shape, weight_shape = event.input_shapes[1], event.input_shapes[2]
+        # output_mask is a constant argument: infer the call's role from what it was given.
+        groups = input_shape[1] // weight_shape[1]
+        if weight_shape[0] * (input_shape[1] // groups) == weight.shape[0] * weight.shape[1] and input_shape[1] == conv.in_channels:
+            weight_grad_channels += input_shape[1]
+        else:
+            input_grad_channels += input_shape[1]
+    assert input_grad_channels == cp
+    assert weight_grad_channels == conv.in_channels
+    assert base.grad[:, cp:].abs().max() == 0
