@@ -31,6 +31,41 @@ def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _checked_conv_arguments(input, weight, bias, stride, dilation, groups, shared_channels):
+    """Validates a partitioned convolution's arguments (each error names its argument) and returns
+    (input, weight, bias) as autocast would cast them, with stride and dilation as pairs."""
+    check_feature_map(input, "input")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 4-D [C_out, C_in / groups, kH, kW] tensor, got {shape}")
+    input, weight, bias = _autocast(input, weight, bias)
+    check_matches(weight, input, "weight")
+    check_matches(bias, input, "bias")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    in_channels, out_channels = weight.shape[1] * groups, weight.shape[0]
+    if input.shape[1] != in_channels:
+        raise ValueError(
+            f"input must have weight.shape[1] * groups = {in_channels} channels, got shape {tuple(input.shape)}"
+        )
+    if out_channels % groups != 0:
+        raise ValueError(f"groups={groups} must divide weight.shape[0]={out_channels}")
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    check_shared_channels(shared_channels, in_channels)
+    return input, weight, bias, _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+
+
+def _autocast(input, weight, bias):
+    """Casts like ``conv2d`` under autocast, which the registered ops are not known to: into the
+    autocast dtype when autocast is on for the input's device."""
+    device_type = input.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _numeric_padding(input, weight, padding, stride, dilation):
     """(input, (pad_h, pad_w)) with string padding turned into numbers. "same" with an odd total
     padding pads one extra row/column at the bottom/right, as torch's conv2d does."""
@@ -82,24 +117,9 @@ def partitioned_conv2d(
     unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    check_feature_map(input, "input")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D [C_out, C_in / groups, kH, kW] tensor, got {weight!r:.80}")
-    check_matches(weight, input, "weight")
-    check_matches(bias, input, "bias")
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    in_channels, out_channels = weight.shape[1] * groups, weight.shape[0]
-    if input.shape[1] != in_channels:
-        raise ValueError(
-            f"input must have weight.shape[1] * groups = {in_channels} channels, got shape {tuple(input.shape)}"
-        )
-    if out_channels % groups != 0:
-        raise ValueError(f"groups={groups} must divide weight.shape[0]={out_channels}")
-    if bias is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
-    check_shared_channels(shared_channels, in_channels)
-    stride, dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+    input, weight, bias, stride, dilation = _checked_conv_arguments(
+        input, weight, bias, stride, dilation, groups, shared_channels
+    )
 
     name = backends.resolve_backend(backend, input.device)
     implementation = backends.implementation(name, input.device)
@@ -137,3 +157,51 @@ def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, backend: str = "auto
     check_feature_map(x, "x")
     check_shared_channels(shared_channels, x.shape[1])
     return backends.implementation(backend, x.device).exit_avg_pool(x, int(shared_channels))
+
+
+def partitioned_conv2d_with_exit_pool(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    shared_channels: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused DFS stage: one feature map x feeding both a partitioned convolution and an exit, as at
+    every VGG split point. Returns ``(partitioned_conv2d(x, ...), exit_avg_pool(x, Cp))``.
+
+    Args:
+        input: [N, C_in, H, W].
+        weight, bias, stride, padding, dilation, groups, shared_channels, backend: as
+            ``partitioned_conv2d``; the exit references the same ``shared_channels``.
+
+    Returns:
+        (conv [N, C_out, H_out, W_out], pooled [N, C_in]). In the backward, dL/dx+ comes from the
+        convolution only and dL/dx- from the exit only. The "triton" backend computes both outputs
+        from one read of x (when the convolution has a tap that reads every pixel once: stride 1,
+        output of the input's size) and writes both gradients into their channel ranges of one
+        tensor; the other backends compose the two ops.
+    """
+    input, weight, bias, stride, dilation = _checked_conv_arguments(
+        input, weight, bias, stride, dilation, groups, shared_channels
+    )
+
+    name = backends.resolve_backend(backend, input.device)
+    implementation = backends.implementation(name, input.device)
+    cp = int(shared_channels)
+    if name == "reference":  # the oracle keeps torch's own handling of string padding
+        return implementation.partitioned_conv2d_with_exit_pool(
+            input, weight, bias, stride, padding, dilation, int(groups), cp
+        )
+    padded, padding = _numeric_padding(input, weight, padding, stride, dilation)
+    if padded is not input:  # "same" with an extra row/column: the exit must pool x, not the padded x
+        output = implementation.partitioned_conv2d(padded, weight, bias, stride, padding, dilation, int(groups), cp)
+        return output, implementation.exit_avg_pool(input, cp)
+    return implementation.partitioned_conv2d_with_exit_pool(
+        input, weight, bias, stride, padding, dilation, int(groups), cp
+    )
+__all__ += ["partitioned_conv2d_with_exit_pool"]

@@ -67,3 +67,23 @@ def exit_head(
 ) -> torch.Tensor:
     """``fc(pool([sg(x+), x-]))``, the VGG exit. x [N, C, H, W], weight [K, C], bias [K] -> [N, K]."""
     return F.linear(exit_avg_pool(x, shared_channels), weight, bias)
+
+
+def partitioned_conv2d_with_exit_pool(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    shared_channels: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DFS stage: x feeds the backbone's partitioned convolution ``conv([x+, sg(x-)])`` and an
+    exit's pooled read ``mean([sg(x+), x-])``, with the same Cp.
+    input [N, C_in, H, W] -> (conv [N, C_out, H_out, W_out], pooled [N, C_in])."""
+    conv = partitioned_conv2d(
+        input, weight, bias, stride, padding, dilation, groups, shared_channels=shared_channels
+    )
+    return conv, exit_avg_pool(input, shared_channels)

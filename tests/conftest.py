@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
-import dfs_kernels
+# Without a GPU, the Triton kernels are tested under the Triton interpreter, which @triton.jit selects
+# when a kernel is defined: set it before dfs_kernels' Triton backend is first imported (dfs_kernels
+# imports it lazily, so before any test runs is early enough). torch itself does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dfs_kernels  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 

@@ -3,6 +3,8 @@ reference on outputs and every gradient."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dfs_kernels.testing import assert_close
@@ -46,3 +48,31 @@ def compare_backward(run_actual, run_expected, leaves, *, dtype=None, names=None
     for name, leaf, a, e in zip(names, leaves, actual_grads, expected_grads):
         if leaf.requires_grad:
             assert_close(a, e, name=f"grad of {name}", dtype=dtype, like=leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """One convolution configuration of the test grids."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] | str = 0
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = True
+    size: tuple[int, int] = (9, 7)
+    batch: int = 2
+
+    def kernel(self) -> tuple[int, int]:
+        k = self.kernel_size
+        return (k, k) if isinstance(k, int) else k
+
+    def conv_args(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def shared_channel_counts(self) -> list[int]:
+        """Cp in {0, 1, C_in - 1, C_in, round(0.5 * C_in)}."""
+        c = self.in_channels
+        return sorted({0, 1, c - 1, c, round(0.5 * c)})

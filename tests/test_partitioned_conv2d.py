@@ -4,36 +4,13 @@ counts, memory layouts and dtypes."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import dfs_kernels
 from dfs_kernels import functional, reference
-from helpers import LAYOUTS, compare_backward, feature_map
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    in_channels: int
-    out_channels: int
-    kernel_size: int | tuple[int, int]
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] | str = 0
-    dilation: int = 1
-    groups: int = 1
-    bias: bool = True
-    size: tuple[int, int] = (9, 7)
-    batch: int = 2
-
-    def kernel(self) -> tuple[int, int]:
-        k = self.kernel_size
-        return (k, k) if isinstance(k, int) else k
-
-    def shared_channel_counts(self) -> list[int]:
-        c = self.in_channels
-        return sorted({0, 1, c - 1, c, round(0.5 * c)})
+from dfs_kernels.testing import assert_close
+from helpers import LAYOUTS, Conv, compare_backward, feature_map
 
 
 CONVS = {
@@ -191,3 +168,17 @@ def test_aten_backend_never_computes_referenced_input_grad(conv, cp):
     assert input_grad_channels == cp
     assert weight_grad_channels == conv.in_channels
     assert base.grad[:, cp:].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
+def test_autocast_casts_like_conv2d(backend):
+    conv = dfs_kernels.PartitionedConv2d(6, 4, 3, padding=1, shared_channels=3, backend=backend)
+    x = torch.randn(2, 6, 7, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+        expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected, name="output")
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad[:, 3:].abs().max() == 0
+    assert conv.weight.grad.dtype == torch.float32

@@ -4,7 +4,22 @@ and what ``backend="auto"`` picks.
 A backend is a namespace with four functions taking validated arguments:
 ``partitioned_conv2d(input, weight, bias, stride, padding, dilation, groups, shared_channels)``,
 ``reroute(x, shared_channels)``, ``exit_reference(x, shared_channels)`` and
-``exit_avg_pool(x, shared_channels)``.
+``exit_avg_pool(x, shared_channels)``; optionally a fifth,
+``partitioned_conv2d_with_exit_pool(...)`` (same arguments as ``partitioned_conv2d``), which
+``implementation`` otherwise composes from the first and the last.
+
+Backends:
+- ``"reference"``: the literal eager oracle (``dfs_kernels.reference``), always available.
+- ``"aten"``: oneDNN / cuDNN convolutions with the DFS glue of the compiled library (csrc/).
+- ``"triton"``: Triton kernels (``dfs_kernels.backends.triton``) on CUDA; on CPU only under the
+  Triton interpreter (``TRITON_INTERPRET=1`` before the backend is first used), which is for tests
+  and debugging: it is available on explicit request but never listed by ``available_backends``
+  (unless ``include_interpreted=True``) nor chosen by ``"auto"``. Triton is imported only once the
+  backend is asked for on a device where it can run.
+
+``"auto"``: on CPU, the first available of ("aten", "reference"). On CUDA, with a single candidate
+that one; with several (aten and triton) ``resolve_backend`` returns ``"auto"``, whose
+implementation (``dfs_kernels.backends.auto``) measures per call key which is fastest.
 """
 
 from __future__ import annotations
@@ -15,17 +30,17 @@ import types
 import torch
 
 from .. import _library, reference
+from . import auto
+from ._errors import BackendUnavailableError
+from ._triton_availability import import_triton_backend, triton_interpreted, triton_state
+from .auto import AUTO_MARGIN, MeasuredAuto, auto_choices
 
 logger = logging.getLogger("dfs_kernels")
 
-BACKENDS = ("reference", "aten")
+BACKENDS = ("reference", "aten", "triton")
 """Every backend name the package knows, available or not."""
 
-_AUTO_PREFERENCE = ("aten", "reference")
-
-
-class BackendUnavailableError(ValueError):
-    """An explicitly requested backend cannot run here (not built, or not for this device)."""
+_AUTO_PREFERENCE = ("aten", "triton", "reference")
 
 
 def _reference_backend() -> types.SimpleNamespace:
@@ -34,11 +49,36 @@ def _reference_backend() -> types.SimpleNamespace:
             input, weight, bias, stride, padding, dilation, groups, shared_channels=shared_channels
         )
 
+    def partitioned_conv2d_with_exit_pool(input, weight, bias, stride, padding, dilation, groups, shared_channels):
+        return reference.partitioned_conv2d_with_exit_pool(
+            input, weight, bias, stride, padding, dilation, groups, shared_channels=shared_channels
+        )
+
     return types.SimpleNamespace(
         partitioned_conv2d=partitioned_conv2d,
+        partitioned_conv2d_with_exit_pool=partitioned_conv2d_with_exit_pool,
         reroute=reference.reroute,
         exit_reference=reference.exit_reference,
         exit_avg_pool=reference.exit_avg_pool,
+    )
+
+
+def _with_composed_stage(backend) -> object:
+    """``backend`` with ``partitioned_conv2d_with_exit_pool`` composed from its own ops when it has
+    no fused one: the convolution and the exit's pooling as two calls (two reads of the input)."""
+    if hasattr(backend, "partitioned_conv2d_with_exit_pool"):
+        return backend
+
+    def partitioned_conv2d_with_exit_pool(input, weight, bias, stride, padding, dilation, groups, shared_channels):
+        output = backend.partitioned_conv2d(input, weight, bias, stride, padding, dilation, groups, shared_channels)
+        return output, backend.exit_avg_pool(input, shared_channels)
+
+    return types.SimpleNamespace(
+        partitioned_conv2d=backend.partitioned_conv2d,
+        partitioned_conv2d_with_exit_pool=partitioned_conv2d_with_exit_pool,
+        reroute=backend.reroute,
+        exit_reference=backend.exit_reference,
+        exit_avg_pool=backend.exit_avg_pool,
     )
 
 
@@ -46,17 +86,27 @@ _IMPLEMENTATIONS: dict[str, object] = {}
 _AUTO_CHOICES: dict[str, str] = {}  # device type -> backend name, decided once per process
 
 
-def _implementation(name: str):
+def _implementation(name: str, device_type: str = "cpu"):
+    if name == "auto":  # the measured choice among several candidates (CUDA): one per device type
+        key = f"auto:{device_type}"
+        if key not in _IMPLEMENTATIONS:
+            _IMPLEMENTATIONS[key] = MeasuredAuto(device_type=device_type)
+        return _IMPLEMENTATIONS[key]
     if name not in _IMPLEMENTATIONS:
         if name == "reference":
             _IMPLEMENTATIONS[name] = _reference_backend()
         elif name == "aten":
             from . import aten
 
-            _IMPLEMENTATIONS[name] = aten
+            _IMPLEMENTATIONS[name] = _with_composed_stage(aten)
+        elif name == "triton":
+            _IMPLEMENTATIONS[name] = import_triton_backend()
         else:
             raise AssertionError(name)
     return _IMPLEMENTATIONS[name]
+
+
+# --- availability and resolution -------------------------------------------------------------------
 
 
 def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | None:
@@ -74,12 +124,22 @@ def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | N
                 + (" (built without CUDA: rebuild where nvcc and a CUDA torch are present)" if device_type == "cuda" else "")
             )
         return None
+    if name == "triton":
+        return triton_state(device_type)[0]
     raise AssertionError(name)
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (default CPU), in ``"auto"``'s order of preference."""
-    return [name for name in _AUTO_PREFERENCE if unavailable_reason(name, device) is None]
+def available_backends(device: torch.device | str = "cpu", *, include_interpreted: bool = False) -> list[str]:
+    """Names of the backends that can run on ``device`` (default CPU), in ``"auto"``'s order of
+    preference. The Triton backend under the interpreter is listed only with
+    ``include_interpreted=True`` (it runs, slowly, but is never a real choice)."""
+    device_type = torch.device(device).type
+    return [
+        name
+        for name in _AUTO_PREFERENCE
+        if unavailable_reason(name, device_type) is None
+        and (include_interpreted or name != "triton" or not triton_interpreted(device_type))
+    ]
 
 
 def check_backend_name(backend: object) -> None:
@@ -87,11 +147,23 @@ def check_backend_name(backend: object) -> None:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
 
 
+def _auto_candidates(device_type: str) -> list[str]:
+    """The backends "auto" chooses among on ``device_type``: the available ones other than the
+    oracle, or the oracle alone."""
+    names = [name for name in available_backends(device_type) if name != "reference"]
+    return names or ["reference"]
+
+
 def _auto_choice(device_type: str) -> str:
     if device_type not in _AUTO_CHOICES:
-        choice = available_backends(device_type)[0]
+        candidates = _auto_candidates(device_type)
+        # On CPU "auto" is the ATen path; elsewhere several candidates are measured per call.
+        choice = candidates[0] if device_type == "cpu" or len(candidates) == 1 else "auto"
         if not torch.compiler.is_compiling():
-            logger.info("backend='auto' chose %r for %s tensors", choice, device_type)
+            logger.info(
+                "backend='auto' chose %r for %s tensors%s", choice, device_type,
+                f" (measured per call among {candidates})" if choice == "auto" else "",
+            )
         _AUTO_CHOICES[device_type] = choice
     return _AUTO_CHOICES[device_type]
 
@@ -100,6 +172,9 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -
     """The backend that a call with ``backend`` on ``device`` runs: ``"auto"`` resolved to a name, an
     explicit name checked. Raises ValueError for an unknown name and BackendUnavailableError (a
     ValueError) for a known backend that cannot run on ``device``; an explicit request never falls back.
+
+    On CUDA with several candidate backends, ``"auto"`` resolves to ``"auto"``: the choice is made
+    per call by measurement (see the module docstring and ``auto_choices()``).
     """
     check_backend_name(backend)
     device_type = torch.device(device).type
@@ -113,10 +188,18 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -
 
 def implementation(backend: str, device: torch.device | str):
     """The namespace of functions of the backend that ``backend`` resolves to on ``device``."""
-    return _implementation(resolve_backend(backend, device))
+    device_type = torch.device(device).type
+    return _implementation(resolve_backend(backend, device_type), device_type)
 
 
+auto.connect(implementation=_implementation, candidates=_auto_candidates)
+
+# The namespaces are built at import: torch.compile traces looking them up, not building them.
+_IMPLEMENTATIONS["reference"] = _reference_backend()
+_IMPLEMENTATIONS["auto:cuda"] = MeasuredAuto(device_type="cuda")
 if _library.LOADED:
     # Registers the autograd formulas and fakes of the compiled ops as soon as the library is loaded,
     # so that torch.ops.dfs_kernels.* called directly (or traced) behave like the backend's calls.
-    from . import aten  # noqa: E402,F401
+    from . import aten  # noqa: E402
+
+    _IMPLEMENTATIONS["aten"] = _with_composed_stage(aten)

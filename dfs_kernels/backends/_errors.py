@@ -1,0 +1,2 @@
+class BackendUnavailableError(ValueError):
+    """An explicitly requested backend cannot run here (not built, or not for this device)."""

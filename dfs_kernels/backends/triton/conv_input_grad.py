@@ -1,0 +1,219 @@
+"""Input gradient of the partitioned convolution, for the shared channels only.
+
+``dL/dx+ = conv_input_grad(dL/dy, W+)`` and ``dL/dx- = 0`` (DESIGN.md §1). One launch writes the
+whole [N, C_in, H, W] gradient: the programs of shared channel tiles run the GEMM, those of
+referenced tiles only fill (zeros, or the exit's broadcast gradient in the fused DFS stage), so
+there is no separate zeros tensor, no slice copy and no GEMM work for referenced channels.
+
+GEMM view, per group: ``dX[m, c] = sum_k dY[m, k] * W[k, c]`` with m = (n, ih, iw) an input pixel,
+c a shared input channel, k = (kh, kw, co) a tap and an output channel of the group, where
+``oh = (ih + pH - kh * dH) / sH`` must be a whole number in [0, H_out).
+
+Stride > 1 without inserted zeros: the input pixels are split into sH * sW stride phases
+(ih % sH, iw % sW). Within a phase, a tap either reaches a whole output pixel for every pixel or for
+none, so each program walks its phase's taps only; nothing is computed for the taps that would read
+the zeros a transposed convolution inserts between output pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import _common
+from ._common import load_tile, store_tile
+
+_GPU_CONFIGS = [
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, 2, 4),
+]
+# Under the interpreter: fewer, larger programs (its cost is per operation, not per element).
+_INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
+# The tuning key: what changes the best tile, layouts and precision included (triton adds dtypes).
+_KEY = ["N", "H", "W", "H_out", "W_out", "CIN_G", "COUT_G", "CP", "SH", "SW", "KH", "KW",
+        "DY_PIXELS_CONTIGUOUS", "DX_PIXELS_CONTIGUOUS", "DOT_PRECISION"]
+
+
+@triton.jit
+def _conv_input_grad_kernel(
+    dy_ptr,  # [N, C_out, H_out, W_out] gradient of the output, any strides
+    w_ptr,  # [C_out, C_in / groups, KH, KW], any strides
+    gp_ptr,  # [N, C_in] gradient of the exit's pooled features (FILL_POOLED), else never read
+    dx_ptr,  # [N, C_in, H, W] output, NCHW or NHWC; every element is written
+    N, H, W, H_out, W_out,  # sizes
+    CIN_G, COUT_G,  # input and output channels per group
+    CP,  # shared channels: [0, CP) get the convolution's gradient, [CP, C_in) the fill
+    H_PHASE, W_PHASE,  # cdiv(H, SH), cdiv(W, SW): rows and columns of the largest stride phase
+    inv_hw,  # 1 / (H * W): the exit's mean pooling spreads its gradient evenly
+    sdyn, sdyc, sdyh, sdyw,  # strides of dy
+    swo, swc, swh, sww,  # strides of the weight
+    sgn, sgc,  # strides of gp
+    sdxn, sdxc, sdxh, sdxw,  # strides of dx
+    SH, SW, PH, PW, DH, DW,  # stride, padding, dilation of the forward convolution
+    KH: tl.constexpr, KW: tl.constexpr,
+    DY_PIXELS_CONTIGUOUS: tl.constexpr, DX_PIXELS_CONTIGUOUS: tl.constexpr,  # NCHW dy / dx (see load_tile)
+    FILL_POOLED: tl.constexpr,  # fill [CP, C_in) with gp / (H * W) instead of zeros
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # pixels, C_in, C_out tiles
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)  # stride phase (ih % SH, iw % SW)
+    group = tl.program_id(2)
+    phase_h = phase // SW
+    phase_w = phase % SW
+    phase_pixels = H_PHASE * W_PHASE
+    M = N * phase_pixels
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(CIN_G, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # Rows: input pixels (n, ih, iw) of this phase, ih = phase_h + th * SH.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = offs_m // phase_pixels
+    t = offs_m % phase_pixels
+    th = t // W_PHASE
+    tw = t % W_PHASE
+    ih = phase_h + th * SH
+    iw = phase_w + tw * SW
+    mask_m = (offs_m < M) & (ih < H) & (iw < W)  # the last row/column of a phase may not exist
+    n64 = n.to(tl.int64)
+
+    # Columns: input channels of this group.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = group * CIN_G + offs_n
+    mask_n = offs_n < CIN_G
+    shared = c < CP
+    mask = mask_m[:, None] & mask_n[None, :]
+    dx_rows = n64 * sdxn + ih * sdxh + iw * sdxw  # [BLOCK_M]
+
+    # What the referenced channels receive: nothing from the convolution (the point of DFS), and in
+    # the fused stage the exit's gradient, which reaches exactly these channels.
+    if FILL_POOLED:
+        fill = tl.load(
+            gp_ptr + n64[:, None] * sgn + c[None, :] * sgc, mask=mask & (c >= CP)[None, :], other=0.0
+        ).to(tl.float32) * inv_hw
+    else:
+        fill = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if group * CIN_G + pid_n * BLOCK_N >= CP:
+        # A tile of referenced channels only: fill it, no GEMM.
+        store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n, fill.to(dx_ptr.dtype.element_ty), DX_PIXELS_CONTIGUOUS)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        num_kb = tl.cdiv(COUT_G, BLOCK_K)
+        for it in range(0, KH * KW * num_kb):
+            tap = it // num_kb
+            k0 = (it % num_kb) * BLOCK_K
+            kh = tap // KW
+            kw = tap % KW
+            # oh * SH = ih + PH - kh * DH: whole for every pixel of the phase, or for none.
+            num_h = phase_h + PH - kh * DH
+            num_w = phase_w + PW - kw * DW
+            if (num_h % SH == 0) & (num_w % SW == 0):
+                # Exact divisions, so truncating and flooring division agree for negative num_h.
+                oh = th + num_h // SH
+                ow = tw + num_w // SW
+                valid = mask_m & (oh >= 0) & (oh < H_out) & (ow >= 0) & (ow < W_out)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < COUT_G
+                co = group * COUT_G + offs_k
+                a = load_tile(dy_ptr, n64 * sdyn + oh * sdyh + ow * sdyw, co * sdyc, valid, mask_k,
+                              DY_PIXELS_CONTIGUOUS)  # [BLOCK_M, BLOCK_K]
+                # Weights of referenced channels are never read: a tile straddling CP computes
+                # zeros there, replaced by the fill below.
+                b = tl.load(
+                    w_ptr + co[:, None] * swo + offs_n[None, :] * swc + kh * swh + kw * sww,
+                    mask=mask_k[:, None] & (mask_n & shared)[None, :],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_N]
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.where(shared[None, :], acc, fill)
+        store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n, acc.to(dx_ptr.dtype.element_ty), DX_PIXELS_CONTIGUOUS)
+
+
+_conv_input_grad = triton.autotune(configs=_common.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=_KEY)(_conv_input_grad_kernel)
+
+
+def conv2d_input_grad(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    input_size,
+    channels_last: bool,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    shared_channels: int,
+    allow_tf32: bool,
+    grad_pooled: torch.Tensor | None = None,
+) -> torch.Tensor:
+    n, c_in, h, w = input_size
+    c_out, cin_g, kh, kw = weight.shape
+    h_out, w_out = grad_output.shape[2], grad_output.shape[3]
+    grad_input = _common.empty_feature_map(input_size, like=grad_output, channels_last=channels_last)
+    h_phase, w_phase = triton.cdiv(h, stride[0]), triton.cdiv(w, stride[1])
+    pixels = n * h_phase * w_phase
+    if grad_input.numel() == 0:
+        return grad_input
+
+    def grid(meta):
+        return (
+            triton.cdiv(pixels, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_N"]),
+            stride[0] * stride[1],
+            groups,
+        )
+
+    gp = grad_pooled if grad_pooled is not None else grad_output
+    wrap_triton(_conv_input_grad)[grid](
+        grad_output, weight, gp, grad_input,
+        n, h, w, h_out, w_out, cin_g, c_out // groups, shared_channels,
+        h_phase, w_phase, 1.0 / (h * w),
+        *grad_output.stride(), *weight.stride(),
+        *(grad_pooled.stride() if grad_pooled is not None else (0, 0)),
+        *grad_input.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, DY_PIXELS_CONTIGUOUS=_common.pixels_contiguous(grad_output),
+        DX_PIXELS_CONTIGUOUS=_common.pixels_contiguous(grad_input), FILL_POOLED=grad_pooled is not None,
+        DOT_PRECISION=_common.dot_precision(grad_output.dtype, allow_tf32),
+    )
+    return grad_input
+
+
+@triton_op("dfs_kernels::triton_partitioned_conv2d_input_grad", mutates_args={})
+def triton_partitioned_conv2d_input_grad(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    input_size: list[int],
+    channels_last: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    shared_channels: int,
+    allow_tf32: bool,
+    grad_pooled: torch.Tensor | None,
+) -> torch.Tensor:
+    """[N, C_in, H, W] (``input_size``, NHWC if ``channels_last``): the convolution's input gradient
+    on channels [0, shared_channels); on the rest zeros, or ``grad_pooled`` [N, C_in] / (H * W)
+    broadcast over H, W when given (the fused DFS stage)."""
+    return conv2d_input_grad(
+        grad_output, weight, input_size, channels_last, stride, padding, dilation, groups, shared_channels,
+        allow_tf32, grad_pooled,
+    )
+
+
+@triton_partitioned_conv2d_input_grad.register_fake
+def _fake(grad_output, weight, input_size, channels_last, stride, padding, dilation, groups, shared_channels,
+          allow_tf32, grad_pooled):
+    return _common.empty_feature_map(input_size, like=grad_output, channels_last=channels_last)
