@@ -31,10 +31,21 @@ at::Tensor partitioned_conv2d(
 at::Tensor input_grad_of(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  // ATen reads only the shape and memory format of `input` for the input gradient.
+  // ATen reads only the shape and memory format of `input` for the input gradient. A weight cut along
+  // its input channels is strided; oneDNN runs much slower on it (about 1.6x for a VGG layer on CPU)
+  // than on a dense copy, which costs next to nothing.
   return std::get<0>(at::convolution_backward(
-      grad_output, input, weight, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+      grad_output, input, weight.contiguous(weight.suggest_memory_format()), /*bias_sizes=*/std::nullopt,
+      stride, padding, dilation,
       /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, false, false}));
+}
+
+at::Tensor exit_avg_pool_backward(const at::Tensor& grad_pooled, c10::SymIntArrayRef input_size,
+                                  int64_t shared_channels, bool channels_last) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dfs_kernels::exit_avg_pool_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, int64_t, bool)>();
+  return op.call(grad_pooled, input_size, shared_channels, channels_last);
 }
 
 at::Tensor pad_channels(at::TensorList parts, int64_t channels) {
@@ -45,28 +56,38 @@ at::Tensor pad_channels(at::TensorList parts, int64_t channels) {
 }
 
 // dL/dx for x = [x+, sg(x-)]: the input gradient of the convolution restricted to the Cp shared
-// channels, zeros on the referenced ones. The work for the referenced channels is never done.
+// channels; on the referenced channels, the exit's pooled gradient spread over H * W when given (a
+// DFS stage, where the exit reads [sg(x+), x-] of the same x), else zeros. The convolution's work for
+// the referenced channels is never done.
 //
 // With groups, input channel c belongs to group c / (C_in / groups). The shared channels cover
 // `full_groups` whole groups, which one grouped call handles, and the first `partial` channels of the
 // next group, which a call on that group's output channels with its weight cut to `partial` input
 // channels handles. Depthwise convolutions always fall in the first case.
 at::Tensor partitioned_conv2d_input_grad(
-    const at::Tensor& grad_output,  // [N, C_out, H_out, W_out]
-    const at::Tensor& input,        // [N, C_in, H, W]; only its shape and memory format are read
-    const at::Tensor& weight,       // [C_out, C_in / groups, kH, kW]
+    const at::Tensor& grad_output,                 // [N, C_out, H_out, W_out]
+    const at::Tensor& input,                       // [N, C_in, H, W]; only its shape and memory format are read
+    const at::Tensor& weight,                      // [C_out, C_in / groups, kH, kW]
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    int64_t shared_channels) {
+    int64_t shared_channels,
+    const std::optional<at::Tensor>& grad_pooled) {  // [N, C_in] or None
   const int64_t in_channels = input.size(1);
   check_shared_channels(shared_channels, in_channels, "partitioned_conv2d_input_grad");
   TORCH_CHECK(groups > 0 && in_channels % groups == 0 && weight.size(0) % groups == 0,
               "partitioned_conv2d_input_grad: groups=", groups, " must divide C_in=", in_channels,
               " and C_out=", weight.size(0));
-  if (shared_channels == in_channels) {
-    return input_grad_of(grad_output, input, weight, stride, padding, dilation, groups);
+  const at::MemoryFormat memory_format = input.suggest_memory_format();
+  if (shared_channels == in_channels) {  // the exit, if any, references no channel
+    return input_grad_of(grad_output, input, weight, stride, padding, dilation, groups).contiguous(memory_format);
+  }
+  const bool has_pooled = grad_pooled.has_value() && grad_pooled->defined();
+  if (shared_channels == 0) {  // no convolution gradient at all: only the exit's, if any
+    return has_pooled ? exit_avg_pool_backward(*grad_pooled, input.sym_sizes(), 0,
+                                               memory_format == at::MemoryFormat::ChannelsLast)
+                      : at::zeros_like(input, memory_format);
   }
   const int64_t group_in = in_channels / groups, group_out = weight.size(0) / groups;
   const int64_t full_groups = shared_channels / group_in, partial = shared_channels % group_in;
@@ -82,10 +103,30 @@ at::Tensor partitioned_conv2d_input_grad(
         weight.narrow(0, full_groups * group_out, group_out).narrow(1, 0, partial), stride, padding, dilation,
         /*groups=*/1));
   }
-  if (parts.empty()) {  // shared_channels == 0: the whole gradient is zero
-    return at::zeros_like(input, input.suggest_memory_format());
+  if (has_pooled) {
+    // d mean / dx = 1 / (H * W) everywhere: a [N, C - Cp] tensor broadcast over H and W with stride 0,
+    // which the gather reads like any other source.
+    const int64_t batch = input.size(0), height = input.size(2), width = input.size(3);
+    const int64_t referenced = in_channels - shared_channels;
+    parts.push_back(grad_pooled->narrow(1, shared_channels, referenced)
+                        .div(static_cast<double>(height * width))
+                        .view({batch, referenced, 1, 1})
+                        .expand({batch, referenced, height, width}));
   }
-  return pad_channels(parts, in_channels);
+  return pad_channels(parts, in_channels).contiguous(memory_format);
+}
+
+std::tuple<at::Tensor, at::Tensor> partitioned_conv2d_with_exit_pool(
+    const at::Tensor& input,                // [N, C_in, H, W]
+    const at::Tensor& weight,               // [C_out, C_in / groups, kH, kW]
+    const std::optional<at::Tensor>& bias,  // [C_out] or None
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shared_channels) {
+  return {partitioned_conv2d(input, weight, bias, stride, padding, dilation, groups, shared_channels),
+          input.mean({2, 3})};
 }
 
 at::Tensor exit_avg_pool(const at::Tensor& input, int64_t shared_channels) {
@@ -99,6 +140,7 @@ at::Tensor exit_avg_pool(const at::Tensor& input, int64_t shared_channels) {
 TORCH_LIBRARY_IMPL(dfs_kernels, CompositeExplicitAutograd, m) {
   m.impl("partitioned_conv2d", &partitioned_conv2d);
   m.impl("partitioned_conv2d_input_grad", &partitioned_conv2d_input_grad);
+  m.impl("partitioned_conv2d_with_exit_pool", &partitioned_conv2d_with_exit_pool);
   m.impl("exit_avg_pool", &exit_avg_pool);
 }
 

@@ -10,10 +10,17 @@ TORCH_LIBRARY(dfs_kernels, m) {
   m.def(
       "partitioned_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int shared_channels) -> Tensor");
-  // Input gradient of the channels [0, shared_channels) of a convolution, zeros on the rest.
+  // Forward of a DFS stage: one feature map feeding a partitioned convolution and an exit that
+  // references the same shared channels: (conv2d(input, ...), mean(input, dims=[2, 3])).
+  m.def(
+      "partitioned_conv2d_with_exit_pool(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int shared_channels) -> (Tensor, Tensor)");
+  // Input gradient of the channels [0, shared_channels) of a convolution; channels
+  // [shared_channels, C) get grad_pooled / (H * W) when an exit's pooled gradient is given (a DFS
+  // stage), zeros otherwise. One tensor, written in one pass: no zero-fill, no add.
   m.def(
       "partitioned_conv2d_input_grad(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, int shared_channels) -> Tensor");
+      "int[2] padding, int[2] dilation, int groups, int shared_channels, Tensor? grad_pooled=None) -> Tensor");
   // Global average pool of an exit; its backward reaches only channels [shared_channels, C).
   m.def("exit_avg_pool(Tensor input, int shared_channels) -> Tensor");
   // grad_pooled [N, C] / (H * W) broadcast into channels [shared_channels, C) of [N, C, H, W], zeros elsewhere.

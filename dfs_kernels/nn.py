@@ -68,6 +68,19 @@ class PartitionedConv2d(nn.Conv2d):
             shared_channels=self.shared_channels, backend=self.backend,
         )
 
+    def forward_with_exit_pool(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(input), exit_avg_pool(input, self.shared_channels))``: this convolution and the pooled
+        read of an exit that references the same input with the same shared channels (a DFS stage, as
+        at every VGG split point). The backward writes both input gradients, the convolution's into
+        [0, Cp) and the exit's into [Cp, C_in), into one tensor in one pass.
+        Shapes: input [N, C_in, H, W] -> ([N, C_out, H_out, W_out], [N, C_in])."""
+        if self.padding_mode != "zeros":  # the convolution reads a padded copy: nothing to share
+            return self(input), functional.exit_avg_pool(input, self.shared_channels, backend=self.backend)
+        return functional.partitioned_conv2d_with_exit_pool(
+            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            shared_channels=self.shared_channels, backend=self.backend,
+        )
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shared_channels={self.shared_channels}, backend={self.backend!r}"
 

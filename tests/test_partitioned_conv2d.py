@@ -182,3 +182,25 @@ def test_autocast_casts_like_conv2d(backend):
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and x.grad[:, 3:].abs().max() == 0
     assert conv.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("used", ["both", "conv", "pooled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conv, cp", CASES)
+@pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
+def test_stage_matches_reference_cpu(backend, conv, cp, layout, used):
+    """The DFS stage (a partitioned conv and an exit reading the same x): both outputs and every
+    gradient, also when only one of the two outputs reaches the loss."""
+    leaves = conv_leaves(conv, layout, torch.float64)
+    view = view_of(layout)
+    pick = {"both": lambda out: out, "conv": lambda out: out[0], "pooled": lambda out: out[1]}[used]
+
+    def actual(base, weight, bias=None):
+        return pick(functional.partitioned_conv2d_with_exit_pool(
+            view(base), weight, bias, **conv.conv_args(), shared_channels=cp, backend=backend))
+
+    def expected(base, weight, bias=None):
+        return pick(reference.partitioned_conv2d_with_exit_pool(view(base), weight, bias, **conv.conv_args(),
+                                                                shared_channels=cp))
+
+    compare_backward(actual, expected, leaves, names=["input", "weight", "bias"])

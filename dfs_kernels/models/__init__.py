@@ -1,0 +1,57 @@
+"""Multi-exit networks of the DFS paper in three flavours built from one parameter set.
+
+``flavour="dsn"`` is the plain multi-exit network, ``"dfs_eager"`` Deep Feature Surgery written with
+``dfs_kernels.reference``, ``"dfs"`` DFS through the package's ops (``backend=``). One state_dict
+loads into every flavour and the forward outputs are equal; only the backward differs. Every model
+returns its exits' logits as a list ordered shallow to deep; ``model(x, return_features=True)``
+returns ``(logits, features)``, where features are the distillation features of ResNet-18 (the
+adaptation outputs of exits 1-3 and the pooled final feature) and None for VGG and MSDNet, which have
+no adaptation layers.
+
+``python -m dfs_kernels.models.summary --model NAME`` prints per-exit parameters and FLOPs.
+"""
+
+from __future__ import annotations
+
+from ._common import EXIT_GRADS, FLAVOURS, MultiExitNetwork
+from .msdnet import MSDNet, msdnet
+from .resnet import MultiExitResNet18, resnet18
+from .vgg import MultiExitVGG, vgg7_64, vgg16_64
+
+
+def _msdnet_imagenet(**kwargs) -> MSDNet:
+    return msdnet("imagenet", **kwargs)
+
+
+MODELS = {
+    "vgg7": vgg7_64,
+    "vgg16": vgg16_64,
+    "resnet18": resnet18,
+    "msdnet": msdnet,
+    "msdnet_imagenet": _msdnet_imagenet,
+}
+"""Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet."""
+
+
+def build_model(name: str, **kwargs) -> MultiExitNetwork:
+    """The model registered as ``name`` (see ``MODELS``), built with the factory's keyword arguments
+    (``num_classes``, ``flavour``, ``beta``, ``backend``, ``exit_grad``; MSDNet also ``growth_rate``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+__all__ = [
+    "EXIT_GRADS",
+    "FLAVOURS",
+    "MODELS",
+    "MSDNet",
+    "MultiExitNetwork",
+    "MultiExitResNet18",
+    "MultiExitVGG",
+    "build_model",
+    "msdnet",
+    "resnet18",
+    "vgg16_64",
+    "vgg7_64",
+]

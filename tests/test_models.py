@@ -1,0 +1,162 @@
+"""The multi-exit models: one state_dict for all flavours, equal forwards, "dfs" gradients equal to
+"dfs_eager" (the literal reference) for every parameter, DFS gradients different from DSN's, and
+``beta=1, exit_grad="all"`` reducing DFS to DSN. Float64 on tiny batches so equality is tight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dfs_kernels
+from dfs_kernels import models
+from dfs_kernels.models import summary
+
+BACKENDS = dfs_kernels.available_backends("cpu")
+BATCH = 2
+
+# (registry name, factory kwargs, input H = W). VGG16 pools globally, so 32x32 suffices; ImageNet
+# MSDNet needs a coarsest scale of at least 5 for its classifiers' two stride-2 convs and 2x2 pool,
+# which 129 is the smallest input to give (129 -> 65 -> 33 -> 17 -> 9 -> 5).
+CASES = {
+    "vgg7": ("vgg7", {}, 32),
+    "vgg16": ("vgg16", {"num_classes": 10}, 32),
+    "resnet18": ("resnet18", {}, 32),
+    "msdnet": ("msdnet", {}, 32),
+    "msdnet_partitioned_exits": ("msdnet", {"exit_grad": "partitioned"}, 32),
+    "msdnet_imagenet": ("msdnet_imagenet", {"num_classes": 10}, 129),
+}
+
+
+def build_flavours(name: str, *, beta: float, **kwargs) -> dict[str, torch.nn.Module]:
+    """The flavours "dsn", "dfs_eager" and "dfs:<backend>" for every CPU backend, float64, all holding the
+    parameters of the first one built."""
+    torch.manual_seed(0)
+    built = {"dsn": models.build_model(name, flavour="dsn", beta=beta, **kwargs)}
+    built["dfs_eager"] = models.build_model(name, flavour="dfs_eager", beta=beta, **kwargs)
+    for backend in BACKENDS:
+        built[f"dfs:{backend}"] = models.build_model(name, flavour="dfs", beta=beta, backend=backend, **kwargs)
+    state = built["dsn"].state_dict()
+    for model in built.values():
+        model.load_state_dict(state)
+        model.double().train()
+    return built
+
+
+def train_step_outputs(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """Logits of every exit and the gradient of every parameter for the summed exit losses."""
+    model.zero_grad(set_to_none=True)
+    logits = model(images)
+    sum(F.cross_entropy(exit_logits, labels) for exit_logits in logits).backward()
+    grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+    return [exit_logits.detach() for exit_logits in logits], grads
+
+
+def run_flavours(case: str, beta: float, **overrides):
+    name, kwargs, size = CASES[case]
+    built = build_flavours(name, beta=beta, **{**kwargs, **overrides})
+    classes = kwargs.get("num_classes", 100)  # the cases without num_classes are CIFAR-100 models
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(BATCH, 3, size, size, generator=generator, dtype=torch.float64)
+    labels = torch.randint(classes, (BATCH,), generator=generator)
+    return {flavour: train_step_outputs(model, images, labels) for flavour, model in built.items()}
+
+
+def assert_grads_close(actual: dict, expected: dict, label: str) -> None:
+    assert actual.keys() == expected.keys(), label
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"{label} {name}: {m}")
+
+
+def grads_differ(first: dict, second: dict) -> bool:
+    return any(
+        (first[name] - second.get(name, torch.zeros_like(first[name]))).abs().max() > 1e-6 * first[name].abs().max()
+        for name in first
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flavours_agree_and_dfs_matches_reference(case):
+    results = run_flavours(case, beta=0.5)
+    dsn_logits, dsn_grads = results["dsn"]
+    eager_logits, eager_grads = results["dfs_eager"]
+    for flavour, (logits, grads) in results.items():
+        assert len(logits) == len(dsn_logits)
+        for index, (exit_logits, expected) in enumerate(zip(logits, dsn_logits)):
+            torch.testing.assert_close(exit_logits, expected, rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f"{flavour} exit {index}: {m}")
+        if flavour.startswith("dfs:"):
+            assert_grads_close(grads, eager_grads, flavour)
+    # the stop-gradients must matter at beta = 0.5, or the comparison above proves nothing
+    assert grads_differ(eager_grads, dsn_grads)
+
+
+# exit_grad is set here, which makes "msdnet_partitioned_exits" the same as "msdnet"
+@pytest.mark.parametrize("case", [case for case in CASES if case != "msdnet_partitioned_exits"])
+def test_beta_one_with_full_exit_gradient_is_dsn(case):
+    # At beta = 1 every channel is shared: the backbone gets its full gradient, but partitioned exits
+    # reference no channel and send none back, so DFS reduces to DSN only with exit_grad="all".
+    results = run_flavours(case, beta=1.0, exit_grad="all")
+    _, dsn_grads = results["dsn"]
+    for flavour, (_, grads) in results.items():
+        assert_grads_close(grads, dsn_grads, flavour)
+
+
+def test_state_dict_is_shared_across_flavours():
+    for name in ("vgg7", "resnet18", "msdnet"):
+        built = [models.build_model(name, flavour=flavour) for flavour in models.FLAVOURS]
+        keys = list(built[0].state_dict())
+        for model in built[1:]:
+            assert list(model.state_dict()) == keys
+            model.load_state_dict(built[0].state_dict())
+
+
+def test_exit_counts_and_features():
+    images = torch.randn(BATCH, 3, 32, 32)
+    expected_exits = {"vgg7": 6, "vgg16": 13, "resnet18": 4, "msdnet": 7}
+    for name, count in expected_exits.items():
+        model = models.build_model(name, num_classes=10, flavour="dfs")
+        logits, features = model(images, return_features=True)
+        assert [tuple(z.shape) for z in logits] == [(BATCH, 10)] * count
+        if name == "resnet18":
+            assert [tuple(h.shape) for h in features] == [(BATCH, 512)] * 4
+        else:
+            assert features is None
+
+
+def test_build_model_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("vgg11")
+    with pytest.raises(ValueError, match="flavour"):
+        models.build_model("vgg7", flavour="fast")
+    with pytest.raises(ValueError, match="exit_grad"):
+        models.build_model("msdnet", exit_grad="some")
+
+
+def test_summary_costs_are_cumulative(capsys):
+    model = models.build_model("vgg7", flavour="dsn")
+    costs = summary.exit_costs(model)
+    assert len(costs) == 6
+    for earlier, later in zip(costs, costs[1:]):
+        assert later["params"] > earlier["params"] and later["flops"] > earlier["flops"]
+    assert costs[-1]["params"] == sum(p.numel() for p in model.parameters())
+    # conv 3->64 at 32x32 with 3x3 kernels, plus the first exit's Linear(64, 100): 2 FLOPs per multiply-add
+    assert costs[0]["flops"] == 2 * (32 * 32 * 64 * 3 * 9 + 64 * 100)
+
+    summary.main(["--model", "msdnet"])
+    printed = capsys.readouterr().out
+    assert "msdnet: 7 exits" in printed and "GFLOPs" in printed
+
+
+def test_dfs_flavour_is_built_from_the_package_modules():
+    def count(model, kind):
+        return sum(isinstance(module, kind) for module in model.modules())
+
+    vgg = models.build_model("vgg7", flavour="dfs")
+    assert count(vgg, dfs_kernels.PartitionedConv2d) == 5 and count(vgg, dfs_kernels.ExitHead) == 6
+    resnet = models.build_model("resnet18", flavour="dfs")
+    assert count(resnet, dfs_kernels.PartitionedConv2d) == 6  # conv1 and shortcut of stages 2-4's first block
+    msdnet = models.build_model("msdnet", flavour="dfs")
+    assert count(msdnet, dfs_kernels.FeatureReroute) == 6
+    assert count(models.build_model("vgg7", flavour="dsn"), dfs_kernels.PartitionedConv2d) == 0

@@ -1,0 +1,74 @@
+"""Smoke test of bench/train_step.py: a tiny run end to end, checking the JSON record it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import dfs_kernels
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_tiny_run_writes_every_field(train_step, tmp_path, capsys):
+    output = tmp_path / "record.json"
+    train_step.main(["--model", "vgg7", "--batch-sizes", "2", "4", "--iterations", "2", "--warmup", "0",
+                     "--output", str(output)])
+    record = json.loads(output.read_text())
+
+    assert record["device"]["type"] == "cpu"
+    assert record["versions"]["torch"] and "extension_loaded" in record["versions"]
+    assert record["config"]["model"] == "vgg7" and record["config"]["beta"] == 0.5
+    expected = {"dsn", train_step.DSN_WITHOUT_INPUT_GRADS, "dfs_eager"}
+    expected |= {f"dfs:{backend}" for backend in dfs_kernels.available_backends("cpu")}
+    assert [run["batch_size"] for run in record["runs"]] == [2, 4]
+    for run in record["runs"]:
+        assert set(run["variants"]) == expected
+        for variant in run["variants"].values():
+            assert variant["error"] is None
+            for key in ("forward_s", "backward_s", "other_s", "step_s"):
+                assert len(variant[key]) == 2 and all(seconds > 0 for seconds in variant[key])
+            assert variant["fps"] > 0 and variant["peak_memory_bytes"] > 0
+        assert "input_grad_time_s" in run
+        assert set(run["dfs"]) == expected - {"dsn", train_step.DSN_WITHOUT_INPUT_GRADS}
+        for entry in run["dfs"].values():
+            assert {"r_ideal", "r_measured", "gap", "saving_realized"} <= entry.keys()
+        assert all("speedup_vs_dfs_eager" in run["dfs"][f"dfs:{b}"] for b in dfs_kernels.available_backends("cpu"))
+    assert set(record["linear_fit"]) == expected
+    assert all({"slope", "intercept", "r2"} == fit.keys() for fit in record["linear_fit"].values())
+
+    printed = capsys.readouterr().out
+    assert "R_ideal" in printed and "R_measured" in printed and "ms / image" in printed
+
+
+def test_beta_sweep_and_plots(train_step, tmp_path):
+    pytest.importorskip("matplotlib")
+    output = tmp_path / "sweep.json"
+    train_step.main(["--model", "vgg7", "--batch-sizes", "2", "--iterations", "1", "--warmup", "0",
+                     "--beta-sweep", "--plot", "--output", str(output)])
+    record = json.loads(output.read_text())
+    sweep = record["beta_sweep"]
+    assert sorted({entry["beta"] for entry in sweep["dfs"].values()}) == list(train_step.BETA_SWEEP)
+    assert record["linear_fit"]["dsn"] is None  # one batch size: no fit
+    assert (tmp_path / "sweep_steps.png").stat().st_size > 0
+    assert (tmp_path / "sweep_beta_sweep.png").stat().st_size > 0
+
+
+def test_linear_fit(train_step):
+    fit = train_step.linear_fit([1, 2, 4], [3.0, 5.0, 9.0])
+    assert fit == pytest.approx({"slope": 2.0, "intercept": 1.0, "r2": 1.0})
+    assert train_step.linear_fit([8, 8], [1.0, 2.0]) is None
