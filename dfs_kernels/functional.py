@@ -181,10 +181,10 @@ def partitioned_conv2d_with_exit_pool(
 
     Returns:
         (conv [N, C_out, H_out, W_out], pooled [N, C_in]). In the backward, dL/dx+ comes from the
-        convolution only and dL/dx- from the exit only. The "triton" backend computes both outputs
-        from one read of x (when the convolution has a tap that reads every pixel once: stride 1,
-        output of the input's size) and writes both gradients into their channel ranges of one
-        tensor; the other backends compose the two ops.
+        convolution only and dL/dx- from the exit only, written into their channel ranges of one
+        tensor with no zero-fill and no add ("aten" and "triton"). The "triton" backend also
+        computes both outputs from one read of x when the convolution has a tap that reads every
+        pixel once (stride 1, output of the input's size).
     """
     input, weight, bias, stride, dilation = _checked_conv_arguments(
         input, weight, bias, stride, dilation, groups, shared_channels
