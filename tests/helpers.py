@@ -26,6 +26,11 @@ def feature_map(shape, *, layout="contiguous", dtype=torch.float32, device="cpu"
     return base, base
 
 
+def view_of(layout: str):
+    """The view ``feature_map`` applies to its leaf for ``layout``, to redo it on a clone of the leaf."""
+    return (lambda base: base[..., ::2]) if layout == "strided" else (lambda base: base)
+
+
 def compare_backward(run_actual, run_expected, leaves, *, dtype=None, names=None, seed=1):
     """Runs both functions on clones of ``leaves`` (each returns one tensor or a tuple), backpropagates
     the same random cotangents and compares outputs and every leaf's gradient."""
@@ -76,3 +81,13 @@ class Conv:
         """Cp in {0, 1, C_in - 1, C_in, round(0.5 * C_in)}."""
         c = self.in_channels
         return sorted({0, 1, c - 1, c, round(0.5 * c)})
+
+
+def conv_leaves(conv: Conv, layout: str, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
+    """Leaf input (in ``layout``), weight and, when ``conv.bias``, bias for ``conv``, all requiring grad."""
+    base, _ = feature_map((conv.batch, conv.in_channels, *conv.size), layout=layout, dtype=dtype, device=device)
+    weight = torch.randn(
+        conv.out_channels, conv.in_channels // conv.groups, *conv.kernel(), dtype=dtype, device=device
+    ).requires_grad_()
+    bias = torch.randn(conv.out_channels, dtype=dtype, device=device).requires_grad_() if conv.bias else None
+    return [t for t in (base, weight, bias) if t is not None]

@@ -10,7 +10,7 @@ import torch
 import dfs_kernels
 from dfs_kernels import functional, reference
 from dfs_kernels.testing import assert_close
-from helpers import LAYOUTS, Conv, compare_backward, feature_map
+from helpers import LAYOUTS, Conv, compare_backward, conv_leaves, feature_map, view_of
 
 
 CONVS = {
@@ -34,19 +34,6 @@ CASES = [
     for name, conv in CONVS.items()
     for cp in conv.shared_channel_counts()
 ]
-
-
-def conv_leaves(conv: Conv, layout: str, dtype: torch.dtype, device="cpu"):
-    base, _ = feature_map((conv.batch, conv.in_channels, *conv.size), layout=layout, dtype=dtype, device=device)
-    weight = torch.randn(
-        conv.out_channels, conv.in_channels // conv.groups, *conv.kernel(), dtype=dtype, device=device
-    ).requires_grad_()
-    bias = torch.randn(conv.out_channels, dtype=dtype, device=device).requires_grad_() if conv.bias else None
-    return [t for t in (base, weight, bias) if t is not None]
-
-
-def view_of(layout: str):
-    return (lambda base: base[..., ::2]) if layout == "strided" else (lambda base: base)
 
 
 def check_backend(backend: str, conv: Conv, cp: int, layout: str, dtype: torch.dtype, device="cpu", tol=None):

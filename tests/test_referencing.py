@@ -7,7 +7,7 @@ import torch
 
 import dfs_kernels
 from dfs_kernels import functional, reference
-from helpers import LAYOUTS, compare_backward, feature_map
+from helpers import LAYOUTS, compare_backward, feature_map, view_of
 
 SHAPES = {"odd": (2, 7, 5, 3), "batch1": (1, 6, 4, 4), "1x1": (3, 5, 1, 1)}
 CASES = [
@@ -17,10 +17,6 @@ CASES = [
 ]
 BACKENDS_CPU = dfs_kernels.available_backends("cpu")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-
-
-def view_of(layout):
-    return (lambda base: base[..., ::2]) if layout == "strided" else (lambda base: base)
 
 
 @DTYPES

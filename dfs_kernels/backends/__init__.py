@@ -1,12 +1,10 @@
 """Backend registry: which implementations of the DFS ops exist, which are available for a device,
 and what ``backend="auto"`` picks.
 
-A backend is a namespace with four functions taking validated arguments:
+A backend is a namespace with five functions taking validated arguments:
 ``partitioned_conv2d(input, weight, bias, stride, padding, dilation, groups, shared_channels)``,
-``reroute(x, shared_channels)``, ``exit_reference(x, shared_channels)`` and
-``exit_avg_pool(x, shared_channels)``; optionally a fifth,
-``partitioned_conv2d_with_exit_pool(...)`` (same arguments as ``partitioned_conv2d``), which
-``implementation`` otherwise composes from the first and the last.
+``partitioned_conv2d_with_exit_pool(...)`` (the same arguments), ``reroute(x, shared_channels)``,
+``exit_reference(x, shared_channels)`` and ``exit_avg_pool(x, shared_channels)``.
 
 Backends:
 - ``"reference"``: the literal eager oracle (``dfs_kernels.reference``), always available.
@@ -63,25 +61,6 @@ def _reference_backend() -> types.SimpleNamespace:
     )
 
 
-def _with_composed_stage(backend) -> object:
-    """``backend`` with ``partitioned_conv2d_with_exit_pool`` composed from its own ops when it has
-    no fused one: the convolution and the exit's pooling as two calls (two reads of the input)."""
-    if hasattr(backend, "partitioned_conv2d_with_exit_pool"):
-        return backend
-
-    def partitioned_conv2d_with_exit_pool(input, weight, bias, stride, padding, dilation, groups, shared_channels):
-        output = backend.partitioned_conv2d(input, weight, bias, stride, padding, dilation, groups, shared_channels)
-        return output, backend.exit_avg_pool(input, shared_channels)
-
-    return types.SimpleNamespace(
-        partitioned_conv2d=backend.partitioned_conv2d,
-        partitioned_conv2d_with_exit_pool=partitioned_conv2d_with_exit_pool,
-        reroute=backend.reroute,
-        exit_reference=backend.exit_reference,
-        exit_avg_pool=backend.exit_avg_pool,
-    )
-
-
 _IMPLEMENTATIONS: dict[str, object] = {}
 _AUTO_CHOICES: dict[str, str] = {}  # device type -> backend name, decided once per process
 
@@ -98,7 +77,7 @@ def _implementation(name: str, device_type: str = "cpu"):
         elif name == "aten":
             from . import aten
 
-            _IMPLEMENTATIONS[name] = _with_composed_stage(aten)
+            _IMPLEMENTATIONS[name] = aten
         elif name == "triton":
             _IMPLEMENTATIONS[name] = import_triton_backend()
         else:
@@ -202,4 +181,4 @@ if _library.LOADED:
     # so that torch.ops.dfs_kernels.* called directly (or traced) behave like the backend's calls.
     from . import aten  # noqa: E402
 
-    _IMPLEMENTATIONS["aten"] = _with_composed_stage(aten)
+    _IMPLEMENTATIONS["aten"] = aten

@@ -71,7 +71,6 @@ def partitioned_conv2d_with_exit_pool(input, weight, bias, stride, padding, dila
     )
 
 
-
 def exit_avg_pool(x, shared_channels):
     _check_dtype(x)
     return exit_pool.exit_avg_pool(x, shared_channels)

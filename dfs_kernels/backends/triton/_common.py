@@ -29,6 +29,22 @@ def _interpret() -> bool:
 INTERPRET: bool = _interpret()
 
 
+IMPLICIT_GEMM_GPU_CONFIGS = [
+    # Implicit-GEMM convolutions (forward and input gradient), as (meta-parameters, num_warps,
+    # num_stages): tiles for wide (C >= 128) and narrow layers, K tiles of 32 and 64 channels
+    # (VGG / ResNet channel counts are multiples of 64).
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
+    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, 2, 4),
+]
+# Under the interpreter: fewer, larger programs (its cost is per operation, not per element).
+IMPLICIT_GEMM_INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
+
+
 def configs(gpu: list[tuple[dict, int, int]], interpreter: dict) -> list[triton.Config]:
     """Autotuning configurations: ``gpu`` as (meta-parameters, num_warps, num_stages) on a GPU; the
     single configuration ``interpreter`` under the interpreter.

@@ -25,16 +25,9 @@ from torch.library import triton_op, wrap_triton
 from . import _common
 from ._common import load_tile, store_tile
 
-_GPU_CONFIGS = [
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, 4, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
-    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, 2, 4),
-]
-# Under the interpreter: fewer, larger programs (its cost is per operation, not per element).
-_INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
+# The same implicit-GEMM shape family as the forward (pixels x channels x taps * channels).
+_GPU_CONFIGS = _common.IMPLICIT_GEMM_GPU_CONFIGS
+_INTERPRETER_CONFIG = _common.IMPLICIT_GEMM_INTERPRETER_CONFIG
 # The tuning key: what changes the best tile, layouts and precision included (triton adds dtypes).
 _KEY = ["N", "H", "W", "H_out", "W_out", "CIN_G", "COUT_G", "CP", "SH", "SW", "KH", "KW",
         "DY_PIXELS_CONTIGUOUS", "DX_PIXELS_CONTIGUOUS", "DOT_PRECISION"]
