@@ -3,6 +3,8 @@
 Environment:
   DFS_KERNELS_SKIP_CUDA_BUILD=1   build the CPU ops only, even where nvcc and a CUDA torch are present
   DFS_KERNELS_CUDA_ARCHS="80;90"  CUDA architectures (default covers A100 and H100/H200)
+  CUDNN_ROOT=/path                cuDNN (include/cudnn.h, lib/libcudnn.so*) for the "cuda" backend, when it is
+                                  neither in the nvidia-cudnn wheel torch depends on nor in the CUDA toolkit
   MAX_JOBS=N                      parallel compile jobs
 Install with --no-build-isolation so that the build uses the torch already installed (an isolated
 build would fetch a second, CUDA-enabled torch).

@@ -1,28 +1,31 @@
-"""Kernel benchmark of the "triton" backend against cuDNN (GPU only).
+"""Kernel benchmark of the GPU backends ("aten", "triton", "cuda") against cuDNN (GPU only).
 
 For the convolution shapes of VGG7-64 (CIFAR 32x32, batch 256), ResNet-18 (CIFAR, batch 256) and
 VGG16-64 (224x224, batch 64), in float32 (IEEE), TF32 and bfloat16 channels-last, it times with
-``triton.testing.do_bench`` (median of many runs):
+``triton.testing.do_bench`` (median of many runs), for each available backend side by side:
 
 - ``forward``: nn.Conv2d's convolution (cuDNN) vs the partitioned convolution of each backend;
 - ``input_grad``: cuDNN's full input gradient (what DSN computes) vs the shared-channels-only input
-  gradient of each backend (beta = 0.5; the referenced channels' zeros included);
-- ``weight_grad``: cuDNN's weight gradient vs the Triton kernel (the "aten" backend uses cuDNN's);
+  gradient op of each backend (beta = 0.5; the referenced channels' zeros included). "aten" computes
+  it into a tensor of its own and assembles; "cuda" has cuDNN write it in place; "triton" is its kernel;
+- ``weight_grad``: cuDNN's weight gradient vs each backend's, through autograd with only the weight and
+  bias requiring gradients ("aten" and "cuda" use cuDNN's, so they measure the autograd overhead);
 - ``stage`` (split-point shapes: stride 1, as at every VGG split point): forward + backward of a
-  convolution and an exit's pooled read of the same input, composed (aten) vs fused (triton).
+  convolution and an exit's pooled read of the same input: composed (aten), fused (triton, cuda).
 
-Each Triton result is checked against cuDNN's (max abs error, relative to the output's max).
+Each backend's result is checked against cuDNN's (max abs error, relative to the output's max).
 
     python bench/bench_triton_kernels.py                     # everything, results in bench/results/
     python bench/bench_triton_kernels.py --models vgg7 --modes bf16 --quick
 
-On a machine without CUDA it prints why and exits 0.
+On a machine without CUDA, or without triton (whose timer it uses), it prints why and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -114,24 +117,25 @@ def bench_shape(shape, mode: str, backends: list[str], quick: bool) -> list[dict
     record("weight_grad", "cudnn", timed(cudnn_weight_grad))
     expected_dx = cudnn_input_grad()
     expected_dw, expected_db = cudnn_weight_grad()[1:]
+    conv_lists = (list(conv["stride"]), list(conv["padding"]), [1, 1], 1)
+    input_grad_ops = {
+        "aten": lambda: torch.ops.dfs_kernels.partitioned_conv2d_input_grad(dy, x, w, *conv_lists, cp),
+        "cuda": lambda: torch.ops.dfs_kernels.cuda_partitioned_conv2d_input_grad(dy, x, w, *conv_lists, cp),
+        "triton": lambda: torch.ops.dfs_kernels.triton_partitioned_conv2d_input_grad(
+            dy, w, list(x.shape), channels_last, *conv_lists, cp, tf32, None),
+    }
+    wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
     for backend in backends:
-        out = functional.partitioned_conv2d(x, w, b, **conv, shared_channels=cp, backend=backend)
-        record("forward", backend, timed(lambda: functional.partitioned_conv2d(x, w, b, **conv, shared_channels=cp,
-                                                                               backend=backend)),
-               _max_rel_error(out, y))
-        if backend == "aten":
-            op = lambda: torch.ops.dfs_kernels.partitioned_conv2d_input_grad(  # noqa: E731
-                dy, x, w, list(conv["stride"]), list(conv["padding"]), [1, 1], 1, cp)
-        else:
-            op = lambda: torch.ops.dfs_kernels.triton_partitioned_conv2d_input_grad(  # noqa: E731
-                dy, w, list(x.shape), channels_last, list(conv["stride"]), list(conv["padding"]), [1, 1], 1, cp, tf32,
-                None)
+        def forward():
+            return functional.partitioned_conv2d(x, w, b, **conv, shared_channels=cp, backend=backend)
+
+        record("forward", backend, timed(forward), _max_rel_error(forward(), y))
+        op = input_grad_ops[backend]
         record("input_grad", f"{backend}-shared", timed(op), _max_rel_error(op()[:, :cp], expected_dx[:, :cp]))
-        if backend == "triton":
-            op = lambda: torch.ops.dfs_kernels.triton_conv2d_weight_grad(  # noqa: E731
-                dy, x, w, list(conv["stride"]), list(conv["padding"]), [1, 1], 1, True, tf32)
-            dw, db = op()
-            record("weight_grad", backend, timed(op), max(_max_rel_error(dw, expected_dw), _max_rel_error(db, expected_db)))
+        out = functional.partitioned_conv2d(x, wg, bg, **conv, shared_channels=cp, backend=backend)
+        op = lambda: torch.autograd.grad(out, (wg, bg), dy, retain_graph=True)  # noqa: E731
+        dw, db = op()
+        record("weight_grad", backend, timed(op), max(_max_rel_error(dw, expected_dw), _max_rel_error(db, expected_db)))
 
     if stride == 1 and 2 * padding == k - 1:  # a split point: the conv's input also feeds an exit
         xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
@@ -142,7 +146,7 @@ def bench_shape(shape, mode: str, backends: list[str], quick: bool) -> list[dict
                                                                           backend=backend)
                 torch.autograd.grad((out, pooled), (xg, wg, bg), (dy, dp))
 
-            record("stage", f"{backend}-{'fused' if backend == 'triton' else 'composed'}", timed(stage))
+            record("stage", f"{backend}-{'composed' if backend == 'aten' else 'fused'}", timed(stage))
     return rows
 
 
@@ -156,14 +160,17 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_triton_kernels: no CUDA device; this benchmark runs on a GPU only.")
         return 0
+    if importlib.util.find_spec("triton") is None:
+        print("bench_triton_kernels: triton is not installed; its do_bench is this benchmark's timer.")
+        return 0
     import triton
 
     import dfs_kernels
 
-    backends = [name for name in ("aten", "triton") if name in dfs_kernels.available_backends("cuda")]
-    if "triton" not in backends:
-        print(f"bench_triton_kernels: triton backend unavailable: {dfs_kernels.unavailable_reason('triton', 'cuda')}")
-        return 0
+    backends = [name for name in ("aten", "triton", "cuda") if name in dfs_kernels.available_backends("cuda")]
+    for name in ("aten", "cuda"):
+        if name not in backends:
+            print(f"bench_triton_kernels: {name} backend unavailable: {dfs_kernels.unavailable_reason(name, 'cuda')}")
     rows = []
     for model in args.models.split(","):
         for mode in args.modes.split(","):
@@ -177,6 +184,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "beta": BETA,
         "backends": backends,

@@ -1,6 +1,8 @@
 // The partitioned convolution on ATen (oneDNN on CPU, cuDNN on CUDA): the forward is one ordinary
 // convolution over every input channel; the input gradient is computed for the shared channels only
 // and written, with the referenced channels zeroed, by the device's pad_channels kernel.
+#include "partitioned_conv2d.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -11,21 +13,6 @@ namespace {
 void check_shared_channels(int64_t shared_channels, int64_t in_channels, const char* op) {
   TORCH_CHECK(0 <= shared_channels && shared_channels <= in_channels, op,
               ": shared_channels must be in [0, in_channels=", in_channels, "], got ", shared_channels);
-}
-
-at::Tensor partitioned_conv2d(
-    const at::Tensor& input,                // [N, C_in, H, W]
-    const at::Tensor& weight,               // [C_out, C_in / groups, kH, kW]
-    const std::optional<at::Tensor>& bias,  // [C_out] or None
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
-    int64_t shared_channels) {
-  check_shared_channels(shared_channels, input.size(1), "partitioned_conv2d");
-  // Referencing changes only the backward: the forward of [x+, sg(x-)] is x itself.
-  return at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
-                         /*output_padding=*/{0, 0}, groups);
 }
 
 at::Tensor input_grad_of(
@@ -59,26 +46,18 @@ at::Tensor pad_channels(at::TensorList parts, int64_t channels) {
 // channels; on the referenced channels, the exit's pooled gradient spread over H * W when given (a
 // DFS stage, where the exit reads [sg(x+), x-] of the same x), else zeros. The convolution's work for
 // the referenced channels is never done.
-//
-// With groups, input channel c belongs to group c / (C_in / groups). The shared channels cover
-// `full_groups` whole groups, which one grouped call handles, and the first `partial` channels of the
-// next group, which a call on that group's output channels with its weight cut to `partial` input
-// channels handles. Depthwise convolutions always fall in the first case.
 at::Tensor partitioned_conv2d_input_grad(
     const at::Tensor& grad_output,                 // [N, C_out, H_out, W_out]
     const at::Tensor& input,                       // [N, C_in, H, W]; only its shape and memory format are read
     const at::Tensor& weight,                      // [C_out, C_in / groups, kH, kW]
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
+    at::IntArrayRef stride,                        // [2]
+    at::IntArrayRef padding,                       // [2]
+    at::IntArrayRef dilation,                      // [2]
     int64_t groups,
-    int64_t shared_channels,
+    int64_t shared_channels,                       // Cp in [0, C_in]
     const std::optional<at::Tensor>& grad_pooled) {  // [N, C_in] or None
   const int64_t in_channels = input.size(1);
-  check_shared_channels(shared_channels, in_channels, "partitioned_conv2d_input_grad");
-  TORCH_CHECK(groups > 0 && in_channels % groups == 0 && weight.size(0) % groups == 0,
-              "partitioned_conv2d_input_grad: groups=", groups, " must divide C_in=", in_channels,
-              " and C_out=", weight.size(0));
+  check_input_grad_arguments(in_channels, weight.size(0), groups, shared_channels, "partitioned_conv2d_input_grad");
   const at::MemoryFormat memory_format = input.suggest_memory_format();
   if (shared_channels == in_channels) {  // the exit, if any, references no channel
     return input_grad_of(grad_output, input, weight, stride, padding, dilation, groups).contiguous(memory_format);
@@ -89,19 +68,12 @@ at::Tensor partitioned_conv2d_input_grad(
                                                memory_format == at::MemoryFormat::ChannelsLast)
                       : at::zeros_like(input, memory_format);
   }
-  const int64_t group_in = in_channels / groups, group_out = weight.size(0) / groups;
-  const int64_t full_groups = shared_channels / group_in, partial = shared_channels % group_in;
   std::vector<at::Tensor> parts;
-  if (full_groups > 0) {
+  for (const InputGradPart& part : shared_input_grad_parts(in_channels, weight.size(0), groups, shared_channels)) {
     parts.push_back(input_grad_of(
-        grad_output.narrow(1, 0, full_groups * group_out), input.narrow(1, 0, full_groups * group_in),
-        weight.narrow(0, 0, full_groups * group_out), stride, padding, dilation, full_groups));
-  }
-  if (partial > 0) {
-    parts.push_back(input_grad_of(
-        grad_output.narrow(1, full_groups * group_out, group_out), input.narrow(1, full_groups * group_in, partial),
-        weight.narrow(0, full_groups * group_out, group_out).narrow(1, 0, partial), stride, padding, dilation,
-        /*groups=*/1));
+        grad_output.narrow(1, part.out_begin, part.out_count), input.narrow(1, part.in_begin, part.in_count),
+        weight.narrow(0, part.out_begin, part.out_count).narrow(1, 0, part.weight_in_count), stride, padding,
+        dilation, part.groups));
   }
   if (has_pooled) {
     // d mean / dx = 1 / (H * W) everywhere: a [N, C - Cp] tensor broadcast over H and W with stride 0,
@@ -116,10 +88,32 @@ at::Tensor partitioned_conv2d_input_grad(
   return pad_channels(parts, in_channels).contiguous(memory_format);
 }
 
+at::Tensor exit_avg_pool(const at::Tensor& input, int64_t shared_channels) {
+  TORCH_CHECK(input.dim() == 4, "exit_avg_pool: input must be [N, C, H, W], got ", input.dim(), " dimensions");
+  check_shared_channels(shared_channels, input.size(1), "exit_avg_pool");
+  return input.mean({2, 3});
+}
+
+}  // namespace
+
+at::Tensor partitioned_conv2d(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    int64_t shared_channels) {
+  check_shared_channels(shared_channels, input.size(1), "partitioned_conv2d");
+  return at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
+                         /*output_padding=*/{0, 0}, groups);
+}
+
 std::tuple<at::Tensor, at::Tensor> partitioned_conv2d_with_exit_pool(
-    const at::Tensor& input,                // [N, C_in, H, W]
-    const at::Tensor& weight,               // [C_out, C_in / groups, kH, kW]
-    const std::optional<at::Tensor>& bias,  // [C_out] or None
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
@@ -129,13 +123,26 @@ std::tuple<at::Tensor, at::Tensor> partitioned_conv2d_with_exit_pool(
           input.mean({2, 3})};
 }
 
-at::Tensor exit_avg_pool(const at::Tensor& input, int64_t shared_channels) {
-  TORCH_CHECK(input.dim() == 4, "exit_avg_pool: input must be [N, C, H, W], got ", input.dim(), " dimensions");
-  check_shared_channels(shared_channels, input.size(1), "exit_avg_pool");
-  return input.mean({2, 3});
+void check_input_grad_arguments(int64_t in_channels, int64_t out_channels, int64_t groups,
+                                int64_t shared_channels, const char* op) {
+  check_shared_channels(shared_channels, in_channels, op);
+  TORCH_CHECK(groups > 0 && in_channels % groups == 0 && out_channels % groups == 0, op, ": groups=", groups,
+              " must divide C_in=", in_channels, " and C_out=", out_channels);
 }
 
-}  // namespace
+std::vector<InputGradPart> shared_input_grad_parts(int64_t in_channels, int64_t out_channels, int64_t groups,
+                                                   int64_t shared_channels) {
+  const int64_t group_in = in_channels / groups, group_out = out_channels / groups;
+  const int64_t full_groups = shared_channels / group_in, partial = shared_channels % group_in;
+  std::vector<InputGradPart> parts;
+  if (full_groups > 0) {
+    parts.push_back({0, full_groups * group_in, 0, full_groups * group_out, group_in, full_groups});
+  }
+  if (partial > 0) {
+    parts.push_back({full_groups * group_in, partial, full_groups * group_out, group_out, partial, /*groups=*/1});
+  }
+  return parts;
+}
 
 TORCH_LIBRARY_IMPL(dfs_kernels, CompositeExplicitAutograd, m) {
   m.impl("partitioned_conv2d", &partitioned_conv2d);

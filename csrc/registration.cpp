@@ -1,7 +1,7 @@
 // Schemas of every dfs_kernels op. Implementations register elsewhere: the ATen composites in
-// partitioned_conv2d.cpp, the CPU kernels in cpu/, the CUDA kernels in cuda/ (CUDA builds only).
-// Autograd formulas and fake (meta) implementations are registered from Python
-// (dfs_kernels/backends/aten/), which also defines these same schemas when this library is absent.
+// partitioned_conv2d.cpp, the CPU kernels in cpu/, the CUDA kernels in cuda/ (CUDA builds only; the
+// cuda_* ops only where cuDNN was found too). Autograd formulas and fake (meta) implementations are
+// registered from Python (dfs_kernels/backends/).
 #include <torch/library.h>
 
 TORCH_LIBRARY(dfs_kernels, m) {
@@ -31,4 +31,15 @@ TORCH_LIBRARY(dfs_kernels, m) {
   m.def("pad_channels(Tensor[] parts, int channels) -> Tensor");
   // Channels [0, split) from head and [split, C) from tail, a missing one reading as zeros, in one pass.
   m.def("merge_channels(Tensor? head, Tensor? tail, int split) -> Tensor");
+  // The "cuda" backend's partitioned convolution: the same schemas and results as the three ops above
+  // of the same names without the prefix; its input gradient has cuDNN write channels [0, Cp) in place.
+  m.def(
+      "cuda_partitioned_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int shared_channels) -> Tensor");
+  m.def(
+      "cuda_partitioned_conv2d_with_exit_pool(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int shared_channels) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_partitioned_conv2d_input_grad(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int shared_channels, Tensor? grad_pooled=None) -> Tensor");
 }

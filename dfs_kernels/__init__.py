@@ -10,6 +10,7 @@ from .backends import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
+    register_flop_formulas,
     resolve_backend,
     unavailable_reason,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "extension_loaded",
     "functional",
     "reference",
+    "register_flop_formulas",
     "resolve_backend",
     "unavailable_reason",
 ]

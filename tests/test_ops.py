@@ -9,6 +9,7 @@ from torch import nn
 
 import dfs_kernels
 from conftest import requires_aten
+from helpers import loss_and_grads
 
 pytestmark = requires_aten
 
@@ -92,13 +93,6 @@ class TinyMultiExit(nn.Module):
         return self.exit1(exit_view), self.exit2(torch.relu(self.body(backbone)))
 
 
-def _loss_and_grads(model, x, forward=None):
-    model.zero_grad()
-    loss = sum(logits.square().mean() for logits in (model if forward is None else forward)(x))
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_compile_fullgraph_matches_eager(compile_backend, channels_last):
@@ -107,9 +101,33 @@ def test_compile_fullgraph_matches_eager(compile_backend, channels_last):
     x = torch.randn(2, 3, 9, 7)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    eager_loss, eager_grads = _loss_and_grads(model, x)
+    eager_loss, eager_grads = loss_and_grads(model, x)
     compiled = torch.compile(model, backend=compile_backend, fullgraph=True)
-    loss, grads = _loss_and_grads(model, x, forward=compiled)
+    loss, grads = loss_and_grads(model, x, forward=compiled)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_flop_counter_counts_the_compiled_ops():
+    """FlopCounterMode sees the forward as a full convolution and the input gradient as Cp / Cin of one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dfs_kernels.register_flop_formulas()
+
+    def count(run):
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)  # groups 2
+    dense = count(lambda: torch.nn.functional.conv2d(x, w, stride=2, groups=2).sum().backward())
+    weight_only = count(lambda: torch.nn.functional.conv2d(x.detach(), w, stride=2, groups=2).sum().backward())
+    ours = count(lambda: dfs_kernels.functional.partitioned_conv2d(
+        x, w, stride=2, groups=2, shared_channels=3, backend="aten").sum().backward())
+    forward = dense["aten.convolution"]
+    assert ours["dfs_kernels.partitioned_conv2d"] == forward
+    assert ours["dfs_kernels.partitioned_conv2d_input_grad"] == forward * 3 // 8
+    assert ours["aten.convolution_backward"] == weight_only["aten.convolution_backward"]  # weight grad in full
+    assert dense["aten.convolution_backward"] > weight_only["aten.convolution_backward"]

@@ -21,7 +21,7 @@ import torch
 import dfs_kernels
 from dfs_kernels import backends, functional, reference
 from dfs_kernels.testing import assert_close
-from helpers import Conv, compare_backward, conv_leaves, feature_map, view_of
+from helpers import Conv, TinyStage, compare_backward, conv_leaves, feature_map, loss_and_grads, view_of
 
 CUDA = torch.cuda.is_available()
 TRITON_CPU_REASON = dfs_kernels.unavailable_reason("triton", "cpu")
@@ -555,35 +555,6 @@ def test_cuda_opcheck(index):
     torch.library.opcheck(getattr(torch.ops.dfs_kernels, name).default, args)
 
 
-class TinyStage(torch.nn.Module):
-    """conv -> (fused stage: partitioned conv + exit) -> exit, with a reroute, on one backend."""
-
-    def __init__(self, backend: str) -> None:
-        super().__init__()
-        self.backend = backend
-        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.body = torch.nn.Conv2d(16, 16, 3, padding=1)  # its parameters feed the fused stage
-        self.body2 = torch.nn.Conv2d(16, 8, 3, padding=1)
-        self.reroute = dfs_kernels.FeatureReroute(16, beta=0.5, backend=backend)
-        self.exit1 = torch.nn.Linear(16, 5)
-        self.exit2 = dfs_kernels.ExitHead(16, 5, shared_channels=4, backend=backend)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        y, pooled = functional.partitioned_conv2d_with_exit_pool(
-            x, self.body.weight, self.body.bias, padding=1, shared_channels=8, backend=self.backend,
-        )
-        backbone, exit_view = self.reroute(torch.relu(y))
-        return self.exit1(pooled), self.exit2(exit_view), self.body2(backbone).square().mean(dim=(1, 2, 3))
-
-
-def _loss_and_grads(model, x, forward=None):
-    model.zero_grad()
-    loss = sum(out.square().mean() for out in (model if forward is None else forward)(x))
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.cuda
 @pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -594,9 +565,9 @@ def test_cuda_compile_fullgraph_matches_eager(channels_last):
     x = torch.randn(4, 3, 12, 10, device="cuda")
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    eager_loss, eager_grads = _loss_and_grads(model, x)
+    eager_loss, eager_grads = loss_and_grads(model, x)
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
-    loss, grads = _loss_and_grads(model, x, forward=compiled)
+    loss, grads = loss_and_grads(model, x, forward=compiled)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
@@ -609,12 +580,12 @@ def test_cuda_graph_capture_and_replay():
     cuda_triton_or_skip()
     model = TinyStage("triton").cuda()
     static_x = torch.randn(4, 3, 12, 10, device="cuda")
-    eager_loss, eager_grads = _loss_and_grads(model, static_x)
+    eager_loss, eager_grads = loss_and_grads(model, static_x)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            _loss_and_grads(model, static_x)
+            loss_and_grads(model, static_x)
     torch.cuda.current_stream().wait_stream(stream)
     model.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()

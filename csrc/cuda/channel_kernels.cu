@@ -166,62 +166,72 @@ struct Arithmetic<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(Acc v) { return __float2bfloat16_rn(v); }
 };
 
+// Writes only channels [first_channel, C) of `out`: the partitioned convolution's input gradient has
+// cuDNN write channels [0, Cp) in place and this kernel the rest, so each element is written once.
 template <typename T, bool kChannelsLast, typename Index>
 __global__ void __launch_bounds__(kThreads) pooled_grad_broadcast_kernel(
     T* __restrict__ out,                 // [N, C, S] NCHW or NHWC (per kChannelsLast), dense
-    const T* __restrict__ grad_pooled,   // [N, C] strided
+    const T* __restrict__ grad_pooled,   // [N, C] strided, or nullptr: zeros everywhere
     int64_t grad_stride_n,               // grad_pooled stride of N, in elements
     int64_t grad_stride_c,               // grad_pooled stride of C, in elements
-    Index total,                         // N * C * S
+    Index total,                         // N * (C - first_channel) * S: the elements written
     Index channels,                      // C
     Index spatial,                       // S = H * W
-    Index shared_channels) {             // channels [0, shared_channels) of out are zero
+    Index first_channel,                 // channels [0, first_channel) of out are not touched
+    Index shared_channels) {             // channels [first_channel, shared_channels) of out are zero
   using Acc = typename Arithmetic<T>::Acc;
   // A true division, not a multiply by 1/S, so results match ATen's grad / S bit for bit.
   const Acc divisor = static_cast<Acc>(spatial);
   const T zero = Arithmetic<T>::store(Acc(0));
+  const Index written_channels = channels - first_channel;
   for (Index i = first_index<Index>(); i < total; i += grid_stride<Index>()) {
-    const Position<Index> p = decode<kChannelsLast>(i, channels, spatial);
+    // (n, c - first_channel, s) over the written channels; the offset into `out` is recomputed with
+    // all C channels (it is i itself when first_channel == 0).
+    const Position<Index> p = decode<kChannelsLast>(i, written_channels, spatial);
+    const Index c = first_channel + p.c;
+    const Index offset = kChannelsLast ? (p.n * spatial + p.s) * channels + c : (p.n * channels + c) * spatial + p.s;
     T value = zero;
-    if (p.c >= shared_channels) {
-      const int64_t offset =
-          static_cast<int64_t>(p.n) * grad_stride_n + static_cast<int64_t>(p.c) * grad_stride_c;
-      value = Arithmetic<T>::store(Arithmetic<T>::load(grad_pooled[offset]) / divisor);
+    if (grad_pooled != nullptr && c >= shared_channels) {
+      const int64_t source = static_cast<int64_t>(p.n) * grad_stride_n + static_cast<int64_t>(c) * grad_stride_c;
+      value = Arithmetic<T>::store(Arithmetic<T>::load(grad_pooled[source]) / divisor);
     }
-    out[i] = value;
+    out[offset] = value;
   }
 }
 
 template <typename T, bool kChannelsLast>
 cudaError_t launch_broadcast(
-    void* out, const void* grad_pooled, int64_t grad_stride_n, int64_t grad_stride_c, int64_t total,
-    int64_t channels, int64_t spatial, int64_t shared_channels, cudaStream_t stream) {
+    void* out, const void* grad_pooled, int64_t grad_stride_n, int64_t grad_stride_c, int64_t batch,
+    int64_t channels, int64_t spatial, int64_t first_channel, int64_t shared_channels, cudaStream_t stream) {
+  const int64_t total = batch * (channels - first_channel) * spatial;
   const dim3 grid = grid_for(total);
   // shared_channels is clamped into [0, C] so that it fits whichever index type is chosen; the result
   // is the same for any value outside that range.
   const int64_t shared = shared_channels < 0 ? 0 : (shared_channels > channels ? channels : shared_channels);
-  if (total <= kMaxElementsFor32BitIndex) {
+  // The index type is chosen by the whole output, which bounds every offset computed.
+  if (batch * channels * spatial <= kMaxElementsFor32BitIndex) {
     pooled_grad_broadcast_kernel<T, kChannelsLast, uint32_t><<<grid, kThreads, 0, stream>>>(
         static_cast<T*>(out), static_cast<const T*>(grad_pooled), grad_stride_n, grad_stride_c,
         static_cast<uint32_t>(total), static_cast<uint32_t>(channels), static_cast<uint32_t>(spatial),
-        static_cast<uint32_t>(shared));
+        static_cast<uint32_t>(first_channel), static_cast<uint32_t>(shared));
   } else {
     pooled_grad_broadcast_kernel<T, kChannelsLast, int64_t><<<grid, kThreads, 0, stream>>>(
         static_cast<T*>(out), static_cast<const T*>(grad_pooled), grad_stride_n, grad_stride_c, total,
-        channels, spatial, shared);
+        channels, spatial, first_channel, shared);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_broadcast_layout(
-    void* out, const void* grad_pooled, int64_t grad_stride_n, int64_t grad_stride_c, int64_t total,
-    int64_t channels, int64_t spatial, int64_t shared_channels, bool channels_last, cudaStream_t stream) {
+    void* out, const void* grad_pooled, int64_t grad_stride_n, int64_t grad_stride_c, int64_t batch,
+    int64_t channels, int64_t spatial, int64_t first_channel, int64_t shared_channels, bool channels_last,
+    cudaStream_t stream) {
   return channels_last
-             ? launch_broadcast<T, true>(out, grad_pooled, grad_stride_n, grad_stride_c, total, channels, spatial,
-                                         shared_channels, stream)
-             : launch_broadcast<T, false>(out, grad_pooled, grad_stride_n, grad_stride_c, total, channels,
-                                          spatial, shared_channels, stream);
+             ? launch_broadcast<T, true>(out, grad_pooled, grad_stride_n, grad_stride_c, batch, channels, spatial,
+                                         first_channel, shared_channels, stream)
+             : launch_broadcast<T, false>(out, grad_pooled, grad_stride_n, grad_stride_c, batch, channels, spatial,
+                                          first_channel, shared_channels, stream);
 }
 
 }  // namespace
@@ -250,28 +260,28 @@ cudaError_t gather_channels(
 
 cudaError_t pooled_grad_broadcast(
     void* out, const void* grad_pooled, int64_t grad_stride_n, int64_t grad_stride_c, int64_t batch,
-    int64_t channels, int64_t spatial, int64_t shared_channels, bool channels_last, FloatKind kind,
-    cudaStream_t stream) {
-  if (!valid_sizes(batch, channels, spatial)) {
+    int64_t channels, int64_t spatial, int64_t first_channel, int64_t shared_channels, bool channels_last,
+    FloatKind kind, cudaStream_t stream) {
+  if (!valid_sizes(batch, channels, spatial) || first_channel < 0 || first_channel > channels) {
     return cudaErrorInvalidValue;
   }
-  const int64_t total = batch * channels * spatial;
-  if (total == 0) {
+  if (batch * (channels - first_channel) * spatial == 0) {
     return cudaSuccess;
   }
   switch (kind) {
     case FloatKind::kFloat32:
-      return launch_broadcast_layout<float>(out, grad_pooled, grad_stride_n, grad_stride_c, total, channels,
-                                            spatial, shared_channels, channels_last, stream);
+      return launch_broadcast_layout<float>(out, grad_pooled, grad_stride_n, grad_stride_c, batch, channels,
+                                            spatial, first_channel, shared_channels, channels_last, stream);
     case FloatKind::kFloat64:
-      return launch_broadcast_layout<double>(out, grad_pooled, grad_stride_n, grad_stride_c, total, channels,
-                                             spatial, shared_channels, channels_last, stream);
+      return launch_broadcast_layout<double>(out, grad_pooled, grad_stride_n, grad_stride_c, batch, channels,
+                                             spatial, first_channel, shared_channels, channels_last, stream);
     case FloatKind::kFloat16:
-      return launch_broadcast_layout<__half>(out, grad_pooled, grad_stride_n, grad_stride_c, total, channels,
-                                             spatial, shared_channels, channels_last, stream);
+      return launch_broadcast_layout<__half>(out, grad_pooled, grad_stride_n, grad_stride_c, batch, channels,
+                                             spatial, first_channel, shared_channels, channels_last, stream);
     case FloatKind::kBFloat16:
-      return launch_broadcast_layout<__nv_bfloat16>(out, grad_pooled, grad_stride_n, grad_stride_c, total,
-                                                    channels, spatial, shared_channels, channels_last, stream);
+      return launch_broadcast_layout<__nv_bfloat16>(out, grad_pooled, grad_stride_n, grad_stride_c, batch,
+                                                    channels, spatial, first_channel, shared_channels,
+                                                    channels_last, stream);
   }
   return cudaErrorInvalidValue;
 }

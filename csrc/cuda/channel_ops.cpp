@@ -72,8 +72,8 @@ at::Tensor exit_avg_pool_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(cuda::pooled_grad_broadcast(
       output.mutable_data_ptr(), grad_pooled.const_data_ptr(), grad_pooled.stride(0), grad_pooled.stride(1),
-      output.size(0), output.size(1), output.size(2) * output.size(3), shared_channels, channels_last, kind,
-      stream));
+      output.size(0), output.size(1), output.size(2) * output.size(3), /*first_channel=*/0, shared_channels,
+      channels_last, kind, stream));
   return output;
 }
 

@@ -14,9 +14,12 @@ Backends:
   and debugging: it is available on explicit request but never listed by ``available_backends``
   (unless ``include_interpreted=True``) nor chosen by ``"auto"``. Triton is imported only once the
   backend is asked for on a device where it can run.
+- ``"cuda"``: the compiled library's CUDA ops (``dfs_kernels.backends.cuda``): cuDNN writes the shared
+  channels' input gradient in place into the full-size gradient. CUDA tensors only, and only where the
+  library was built with CUDA and cuDNN.
 
 ``"auto"``: on CPU, the first available of ("aten", "reference"). On CUDA, with a single candidate
-that one; with several (aten and triton) ``resolve_backend`` returns ``"auto"``, whose
+that one; with several (aten, cuda, triton) ``resolve_backend`` returns ``"auto"``, whose
 implementation (``dfs_kernels.backends.auto``) measures per call key which is fastest.
 """
 
@@ -28,17 +31,17 @@ import types
 import torch
 
 from .. import _library, reference
-from . import auto
+from . import _flops, auto
 from ._errors import BackendUnavailableError
 from ._triton_availability import import_triton_backend, triton_interpreted, triton_state
 from .auto import AUTO_MARGIN, MeasuredAuto, auto_choices
 
 logger = logging.getLogger("dfs_kernels")
 
-BACKENDS = ("reference", "aten", "triton")
+BACKENDS = ("reference", "aten", "triton", "cuda")
 """Every backend name the package knows, available or not."""
 
-_AUTO_PREFERENCE = ("aten", "triton", "reference")
+_AUTO_PREFERENCE = ("aten", "cuda", "triton", "reference")
 
 
 def _reference_backend() -> types.SimpleNamespace:
@@ -80,9 +83,23 @@ def _implementation(name: str, device_type: str = "cpu"):
             _IMPLEMENTATIONS[name] = aten
         elif name == "triton":
             _IMPLEMENTATIONS[name] = import_triton_backend()
+        elif name == "cuda":
+            from . import cuda
+
+            _IMPLEMENTATIONS[name] = cuda
         else:
             raise AssertionError(name)
     return _IMPLEMENTATIONS[name]
+
+
+def register_flop_formulas() -> None:
+    """Makes ``torch.utils.flop_counter.FlopCounterMode`` count the compiled ops of "aten" and "cuda"
+    (idempotent; see ``dfs_kernels.backends._flops``)."""
+    if _library.LOADED:
+        _implementation("aten")
+        if _library.CUDA_BACKEND_BUILT:
+            _implementation("cuda")
+    _flops.register_flop_formulas()
 
 
 # --- availability and resolution -------------------------------------------------------------------
@@ -102,10 +119,40 @@ def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | N
                 f"the compiled ops library has no {device_type} kernels"
                 + (" (built without CUDA: rebuild where nvcc and a CUDA torch are present)" if device_type == "cuda" else "")
             )
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
         return None
     if name == "triton":
         return triton_state(device_type)[0]
+    if name == "cuda":
+        return _cuda_unavailable_reason(device_type)
     raise AssertionError(name)
+
+
+_CUDA_BACKEND_REASONS: dict[str, str | None] = {}  # device type -> why "cuda" cannot run there, or None
+
+
+def _cuda_unavailable_reason(device_type: str) -> str | None:
+    # Nothing it depends on changes within a process: computed once per device type (CPU and CUDA at
+    # import, below), so that torch.compile traces a dict lookup.
+    if device_type not in _CUDA_BACKEND_REASONS:
+        _CUDA_BACKEND_REASONS[device_type] = _compute_cuda_unavailable_reason(device_type)
+    return _CUDA_BACKEND_REASONS[device_type]
+
+
+def _compute_cuda_unavailable_reason(device_type: str) -> str | None:
+    if not _library.LOADED:
+        return f"the compiled ops library is not loaded ({_library.load_error()})"
+    if not _library.CUDA_BACKEND_BUILT:
+        return (
+            "the compiled ops library was built without the 'cuda' backend (it needs nvcc, a CUDA build of torch "
+            "and cuDNN at build time; see CMakeLists.txt)"
+        )
+    if device_type != "cuda":
+        return f"the 'cuda' backend runs on CUDA tensors only, not {device_type}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
 
 
 def available_backends(device: torch.device | str = "cpu", *, include_interpreted: bool = False) -> list[str]:
@@ -176,9 +223,11 @@ auto.connect(implementation=_implementation, candidates=_auto_candidates)
 # The namespaces are built at import: torch.compile traces looking them up, not building them.
 _IMPLEMENTATIONS["reference"] = _reference_backend()
 _IMPLEMENTATIONS["auto:cuda"] = MeasuredAuto(device_type="cuda")
+_CUDA_BACKEND_REASONS.update({device: _compute_cuda_unavailable_reason(device) for device in ("cpu", "cuda")})
 if _library.LOADED:
     # Registers the autograd formulas and fakes of the compiled ops as soon as the library is loaded,
     # so that torch.ops.dfs_kernels.* called directly (or traced) behave like the backend's calls.
-    from . import aten  # noqa: E402
+    from . import aten, cuda  # noqa: E402
 
     _IMPLEMENTATIONS["aten"] = aten
+    _IMPLEMENTATIONS["cuda"] = cuda

@@ -1,8 +1,8 @@
-"""``backend="auto"`` by measurement, where several backends can run a call (CUDA with "aten" and
-"triton"): per call key (op, device, dtype, memory format, shapes, arguments, which inputs need
-gradients) the candidates are timed once on clones of the arguments (forward, plus backward when an
-input needs a gradient) and the fastest is used from then on. The choices are cached for the process
-(``auto_choices()`` shows them) and, when ``DFS_KERNELS_AUTOTUNE_CACHE`` names a JSON file, on disk.
+"""``backend="auto"`` by measurement, where several backends can run a call (CUDA, with those of
+"aten", "cuda" and "triton" that are available): per call key (op, device, dtype, memory format,
+shapes, arguments, which inputs need gradients) the candidates are timed once on clones of the
+arguments (forward, plus backward when an input needs a gradient) and the fastest is used from then
+on. The choices are cached for the process (``auto_choices()`` shows them) and, when ``DFS_KERNELS_AUTOTUNE_CACHE`` names a JSON file, on disk.
 A candidate must beat the first ("aten") by more than ``AUTO_MARGIN`` to replace it, so "auto" is
 never slower than "aten" beyond measurement noise.
 """

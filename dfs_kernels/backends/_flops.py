@@ -1,0 +1,62 @@
+"""FLOP formulas of the package's convolution ops, so ``torch.utils.flop_counter.FlopCounterMode`` counts
+models that use them (it only knows ATen's ops; an unknown op counts as zero).
+
+Same convention as ATen's convolution formula (``conv_flop_count``: 2 FLOPs per multiply-add). The
+shared-only input gradient computes Cp of the Cin input channels, each costing what it costs in a full
+input gradient, so it counts Cp / Cin of the full convolution's FLOPs; that is the saving DFS makes.
+Exit pooling, like ATen's pooling ops, counts nothing.
+
+Registered for the compiled ops of the "aten" and "cuda" backends. The "triton" backend's ops reach a
+dispatch mode as the Triton kernel launches inside them, which FlopCounterMode cannot count.
+
+When: ``torch.utils.flop_counter`` imports triton, which this package imports only when its backend
+is used, so the formulas are registered at once only if the counter is already imported, and
+otherwise by ``register_flop_formulas()`` (``dfs_kernels.register_flop_formulas``), which the
+package's own FLOP counts call and which a user of FlopCounterMode calls once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+
+_pending: list[tuple[list, Callable]] = []
+
+
+def _first_output(out_shape):
+    """The convolution's output shape: a fused stage returns (conv output, pooled exit features)."""
+    return out_shape[0] if isinstance(out_shape[0], (tuple, list)) else out_shape
+
+
+def _forward_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(input_shape, weight_shape, _first_output(out_shape))
+
+
+def _input_grad_flops(grad_output_shape, input_shape, weight_shape, stride, padding, dilation, groups,
+                      shared_channels, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(input_shape, weight_shape, grad_output_shape) * shared_channels // input_shape[1]
+
+
+def register_conv_flops(*, forward: Iterable = (), input_grad: Iterable = ()) -> None:
+    """Queues the formulas for op packets (``torch.ops.dfs_kernels.<name>``) whose leading arguments are
+    (input, weight, ...) for ``forward`` (plain or fused-stage convolutions) and (grad_output, input,
+    weight, stride, padding, dilation, groups, shared_channels, ...) for ``input_grad``, and registers
+    them if FlopCounterMode is already imported. (The weight gradient is ATen's ``convolution_backward``,
+    which FlopCounterMode knows.)"""
+    _pending.extend((list(ops), formula) for ops, formula in ((forward, _forward_flops), (input_grad, _input_grad_flops))
+                    if ops)
+    if "torch.utils.flop_counter" in sys.modules:
+        register_flop_formulas()
+
+
+def register_flop_formulas() -> None:
+    """Makes ``torch.utils.flop_counter.FlopCounterMode`` count the package's compiled ops (idempotent)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    while _pending:
+        ops, formula = _pending.pop()
+        register_flop_formula(ops)(formula)

@@ -1,0 +1,330 @@
+"""The "cuda" backend: cuDNN writes the shared channels' input gradient in place into the full-size
+gradient, one kernel of ours the referenced channels' (zeros, or an exit's pooled gradient).
+
+On CPU: an explicit request for it fails with the reason, and its ops share the "aten" ops' schemas
+(they share their autograd formulas). On a GPU (``cuda`` marks; they also skip where the library was
+built without the backend): the ops against a float64 run of dfs_kernels.reference over strides,
+dilations, groups cut by Cp, odd sizes and all layouts, in float32 (IEEE and TF32), float16 and
+bfloat16; that the gradient is written in place; the fallbacks (cuDNN disabled) and the cuDNN settings
+(deterministic, benchmark); opcheck; torch.compile; a training step captured in a CUDA graph; "auto"
+measuring it among the candidates. The grids of tests/test_partitioned_conv2d.py and
+tests/test_referencing.py run on it too (they take every backend in ``dfs_kernels.BACKENDS``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dfs_kernels
+from dfs_kernels import backends, functional, reference
+from helpers import LAYOUTS, Conv, TinyStage, compare_backward, conv_leaves, loss_and_grads, view_of
+
+REASON_CPU = dfs_kernels.unavailable_reason("cuda", "cpu")
+
+
+def cuda_backend_or_skip():
+    reason = dfs_kernels.unavailable_reason("cuda", "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# --- CPU ------------------------------------------------------------------------------------------
+
+
+def test_explicit_request_without_cuda_names_the_backend_and_the_reason():
+    assert REASON_CPU is not None and "cuda" not in dfs_kernels.available_backends("cpu")
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3)
+    with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cuda' is not available on cpu") as caught:
+        functional.partitioned_conv2d(x, w, padding=1, shared_channels=2, backend="cuda")
+    assert REASON_CPU in str(caught.value)
+    with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cuda'"):
+        dfs_kernels.PartitionedConv2d(4, 3, 3, shared_channels=2, backend="cuda")(x)
+    if not torch.cuda.is_available():
+        with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cuda' is not available on cuda"):
+            dfs_kernels.resolve_backend("cuda", "cuda")
+
+
+@pytest.mark.skipif(not dfs_kernels.extension_loaded(), reason="the compiled ops library is not loaded")
+@pytest.mark.parametrize("name", ["partitioned_conv2d", "partitioned_conv2d_with_exit_pool",
+                                  "partitioned_conv2d_input_grad"])
+def test_ops_share_the_aten_schemas(name):
+    """The two backends' ops run the same Python autograd formulas and fakes: same arguments, same returns."""
+    aten, cuda = (getattr(torch.ops.dfs_kernels, prefix + name).default._schema for prefix in ("", "cuda_"))
+    assert str(cuda).replace("cuda_", "", 1) == str(aten)
+
+
+@pytest.mark.skipif(not dfs_kernels.extension_loaded(), reason="the compiled ops library is not loaded")
+@pytest.mark.parametrize("stage", [False, True], ids=["conv", "stage"])
+def test_backward_routes_the_input_grad_to_the_cuda_op(stage):
+    """Traced with fake tensors (no kernel runs: this holds on CPU too): the backward of the cuda ops
+    computes the input gradient with cuda_partitioned_conv2d_input_grad (the exit's gradient passed to
+    it in a stage), and asks ATen for the weight gradient only."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ops = torch.ops.dfs_kernels
+
+    def step(x, w, grad_out, grad_pooled):
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        conv_args = (None, [1, 1], [1, 1], [1, 1], 1, 3)
+        if stage:
+            outputs = ops.cuda_partitioned_conv2d_with_exit_pool(x, w, *conv_args)
+            return torch.autograd.grad(outputs, (x, w), (grad_out, grad_pooled))
+        return torch.autograd.grad(ops.cuda_partitioned_conv2d(x, w, *conv_args), (x, w), grad_out)
+
+    graph = make_fx(step, tracing_mode="fake")(
+        torch.randn(2, 6, 5, 4), torch.randn(4, 6, 3, 3), torch.randn(2, 4, 5, 4), torch.randn(2, 6)
+    ).graph
+    calls = [node for node in graph.nodes if node.op == "call_function"]
+    (input_grad,) = [node for node in calls if node.target == ops.cuda_partitioned_conv2d_input_grad.default]
+    assert (len(input_grad.args) == 9) == stage  # grad_pooled given in a stage
+    (weight_grad,) = [node for node in calls if node.target == torch.ops.aten.convolution_backward.default]
+    assert weight_grad.args[-1][0] is False  # output_mask: no input gradient from ATen
+    assert not any(node.target in (ops.pad_channels.default, ops.partitioned_conv2d_input_grad.default)
+                   for node in calls)
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+
+CONVS = {
+    "k3": Conv(6, 5, 3, padding=1),
+    "k1-stride2": Conv(5, 4, 1, stride=2, size=(7, 6), bias=False),
+    "k5-stride2": Conv(5, 6, 5, stride=2, padding=2, size=(11, 9)),
+    "k3x5-stride2x1": Conv(6, 5, (3, 5), stride=(2, 1), padding=(1, 2)),
+    "stride2-dilation2": Conv(7, 3, 3, stride=2, dilation=2, size=(13, 11)),
+    "groups2": Conv(8, 6, 3, padding=1, groups=2, batch=1),
+    "groups4-stride2": Conv(8, 8, 3, stride=2, padding=1, groups=4, bias=False),
+    "depthwise-same": Conv(6, 6, 3, padding="same", groups=6, bias=False, size=(5, 4)),
+    "vgg-64": Conv(64, 64, 3, padding=1, size=(16, 16), batch=4),
+    "resnet-down": Conv(64, 128, 3, stride=2, padding=1, size=(16, 16), batch=4, bias=False),
+    "1x1-down": Conv(64, 128, 1, stride=2, size=(15, 15), batch=3, bias=False),
+}
+# name: (dtype, TF32 allowed in cuDNN, tolerance)
+MODES = {"f32": (torch.float32, False, torch.float32), "tf32": (torch.float32, True, "tf32"),
+         "f16": (torch.float16, False, torch.float16), "bf16": (torch.bfloat16, False, torch.bfloat16)}
+
+
+def shared_channel_counts(conv: Conv) -> list[int]:
+    c = conv.in_channels
+    counts = {0, 1, c // 2, c - 1, c}
+    if conv.groups > 1:
+        counts.add(c // conv.groups + 1)  # cuts a group: a grouped call and a dense one on the next group
+    return sorted(counts)
+
+
+# TF32 only on short reductions (C_in / groups * kH * kW <= 63), which the "tf32" tolerance is meant for:
+# its error grows with the reduction's length.
+CASES = [
+    pytest.param(name, mode, id=f"{name}-{mode}")
+    for name, conv in CONVS.items()
+    for mode in MODES
+    if mode != "tf32" or conv.in_channels // conv.groups * conv.kernel()[0] * conv.kernel()[1] <= 63
+]
+
+
+@pytest.fixture
+def cudnn_mode(monkeypatch):
+    """Sets cuDNN's TF32 switch for a mode; the oracle runs in float64, where TF32 never applies."""
+
+    def set_mode(mode: str):
+        dtype, tf32, tol = MODES[mode]
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        return dtype, tol
+
+    return set_mode
+
+
+def exact(fn):
+    """``fn`` run on float64 copies of its tensor arguments, its results rounded once to their dtype:
+    the oracle, free of TF32 and of intermediate rounding (and its cotangents match the backend's)."""
+
+    def run(*tensors):
+        out, dtype = fn(*(t.double() for t in tensors)), tensors[0].dtype
+        return tuple(o.to(dtype) for o in out) if isinstance(out, tuple) else out.to(dtype)
+
+    return run
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name, mode", CASES)
+def test_conv_matches_reference(name, mode, layout, cudnn_mode):
+    cuda_backend_or_skip()
+    dtype, tol = cudnn_mode(mode)
+    conv, view = CONVS[name], view_of(layout)
+    for cp in shared_channel_counts(conv):
+        compare_backward(
+            lambda b, w, c=None: functional.partitioned_conv2d(view(b), w, c, **conv.conv_args(), shared_channels=cp,
+                                                               backend="cuda"),
+            exact(lambda b, w, c=None: reference.partitioned_conv2d(view(b), w, c, **conv.conv_args(),
+                                                                    shared_channels=cp)),
+            conv_leaves(conv, layout, dtype, "cuda"), dtype=tol, names=["input", "weight", "bias"],
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("used", ["both", "conv", "pooled"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name, mode", [("vgg-64", "f32"), ("vgg-64", "bf16"), ("groups2", "f16"), ("k3", "tf32")],
+                         ids=["vgg-64-f32", "vgg-64-bf16", "groups2-f16", "k3-tf32"])
+def test_stage_matches_reference(name, mode, layout, used, cudnn_mode):
+    """The DFS stage: the exit's gradient lands on [Cp, C) in the same pass that zero-fills otherwise."""
+    cuda_backend_or_skip()
+    dtype, tol = cudnn_mode(mode)
+    conv, view = CONVS[name], view_of(layout)
+    pick = {"both": lambda out: out, "conv": lambda out: out[0], "pooled": lambda out: out[1]}[used]
+    for cp in shared_channel_counts(conv):
+        compare_backward(
+            lambda b, w, c=None: pick(functional.partitioned_conv2d_with_exit_pool(
+                view(b), w, c, **conv.conv_args(), shared_channels=cp, backend="cuda")),
+            exact(lambda b, w, c=None: pick(reference.partitioned_conv2d_with_exit_pool(
+                view(b), w, c, **conv.conv_args(), shared_channels=cp))),
+            conv_leaves(conv, layout, dtype, "cuda"), dtype=tol, names=["input", "weight", "bias"],
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", ["vgg-64", "groups2", "depthwise-same", "1x1-down"])
+def test_input_grad_written_in_place(name, channels_last, dtype):
+    """cuDNN accepts the strided output: the input gradient's backward runs no ATen convolution_backward
+    (the fallback, which computes into a tensor of its own and copies) and no channel assembly."""
+    cuda_backend_or_skip()
+    conv = CONVS[name]
+    layout = "channels_last" if channels_last else "contiguous"
+    base, weight, *bias = (t.detach() for t in conv_leaves(conv, layout, dtype, "cuda"))
+    base.requires_grad_()  # only the input gradient is asked for: no weight gradient's convolution_backward
+    out = functional.partitioned_conv2d(base, weight, bias[0] if bias else None, **conv.conv_args(),
+                                        shared_channels=conv.in_channels // 2 + 1, backend="cuda")
+    grad = torch.randn_like(out)
+    torch.autograd.grad(out, base, grad, retain_graph=True)  # the first call chooses cuDNN's algorithm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        torch.autograd.grad(out, base, grad)
+    names = {event.name for event in profiler.events()}
+    assert "dfs_kernels::cuda_partitioned_conv2d_input_grad" in names
+    assert not {"aten::convolution_backward", "dfs_kernels::pad_channels"} & names, sorted(names)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting", ["cudnn-disabled", "deterministic", "benchmark"])
+def test_cudnn_settings_and_fallback(setting, monkeypatch):
+    """cuDNN disabled: every convolution goes to ATen (the input gradient's then copied into its slice).
+    Deterministic or benchmark: cuDNN's algorithm is chosen under that rule. The results stay the oracle's."""
+    cuda_backend_or_skip()
+    attribute = {"cudnn-disabled": ("enabled", False), "deterministic": ("deterministic", True),
+                 "benchmark": ("benchmark", True)}[setting]
+    monkeypatch.setattr(torch.backends.cudnn, *attribute)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    for conv in (CONVS["vgg-64"], CONVS["groups2"]):
+        cp = conv.in_channels // 2 + 1
+        for layout in ("contiguous", "channels_last"):
+            compare_backward(
+                lambda b, w, c=None: functional.partitioned_conv2d_with_exit_pool(
+                    b, w, c, **conv.conv_args(), shared_channels=cp, backend="cuda"),
+                exact(lambda b, w, c=None: reference.partitioned_conv2d_with_exit_pool(
+                    b, w, c, **conv.conv_args(), shared_channels=cp)),
+                conv_leaves(conv, layout, torch.float32, "cuda"), dtype=torch.float32,
+                names=["input", "weight", "bias"],
+            )
+
+
+def opcheck_cases(device: str):
+    """The CUDA cases are built inside the test (collection must not touch CUDA), the ids on CPU."""
+    cuda = dict(device=device)
+    x = torch.randn(2, 6, 5, 4, **cuda)
+    x_cl = torch.randn(2, 6, 5, 4, **cuda).contiguous(memory_format=torch.channels_last)
+    w, w_grouped = torch.randn(4, 6, 3, 3, **cuda), torch.randn(4, 3, 3, 3, **cuda)
+    grad_out = torch.randn(2, 4, 5, 4, **cuda)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return [
+        ("cuda_partitioned_conv2d", (leaf(x), leaf(w), leaf(torch.randn(4, **cuda)), [1, 1], [1, 1], [1, 1], 1, 2)),
+        ("cuda_partitioned_conv2d", (leaf(x_cl), leaf(w_grouped), None, [2, 1], [1, 2], [1, 2], 2, 4)),
+        ("cuda_partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 3)),
+        ("cuda_partitioned_conv2d_input_grad", (grad_out, x_cl, w_grouped, [1, 1], [1, 1], [1, 1], 2, 4)),
+        ("cuda_partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 0)),
+        ("cuda_partitioned_conv2d_input_grad", (grad_out, x_cl, w, [1, 1], [1, 1], [1, 1], 1, 2,
+                                                torch.randn(2, 6, **cuda))),
+        ("cuda_partitioned_conv2d_input_grad", (grad_out, x, w_grouped, [1, 1], [1, 1], [1, 1], 2, 0,
+                                                torch.randn(2, 6, **cuda))),
+        ("cuda_partitioned_conv2d_with_exit_pool", (leaf(x), leaf(w), leaf(torch.randn(4, **cuda)), [1, 1], [1, 1],
+                                                    [1, 1], 1, 2)),
+        ("cuda_partitioned_conv2d_with_exit_pool", (leaf(x_cl), leaf(w_grouped), None, [1, 1], [1, 1], [1, 1], 2, 5)),
+        ("exit_avg_pool_backward", (torch.randn(2, 6, **cuda), [2, 6, 5, 4], 2, False)),
+        ("exit_avg_pool_backward", (torch.randn(6, 2, **cuda).t(), [2, 6, 5, 4], 5, True)),
+    ]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(opcheck_cases("cpu"))), ids=[name for name, _ in opcheck_cases("cpu")])
+def test_opcheck(index):
+    cuda_backend_or_skip()
+    name, args = opcheck_cases("cuda")[index]
+    torch.library.opcheck(getattr(torch.ops.dfs_kernels, name).default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_compile_fullgraph_matches_eager(channels_last):
+    cuda_backend_or_skip()
+    torch._dynamo.reset()
+    model = TinyStage("cuda").cuda()
+    x = torch.randn(4, 3, 12, 10, device="cuda")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    eager_loss, eager_grads = loss_and_grads(model, x)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    loss, grads = loss_and_grads(model, x, forward=compiled)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_graph_capture_and_replay(channels_last):
+    """A training step's forward and backward captured in a CUDA graph: cuDNN's algorithms are chosen
+    in the warm-up, the capture records the kernels on the capturing stream, and a replay on new
+    input gives eager's loss and gradients."""
+    cuda_backend_or_skip()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = TinyStage("cuda").cuda().to(memory_format=fmt)
+    static_x = torch.randn(4, 3, 12, 10, device="cuda").contiguous(memory_format=fmt)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            loss_and_grads(model, static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = sum(out.square().mean() for out in model(static_x))
+        static_loss.backward()
+    static_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    new_x = torch.randn_like(static_x)
+    eager_loss, eager_grads = loss_and_grads(model, new_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert static_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(static_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.cuda
+def test_auto_measures_the_cuda_backend(monkeypatch):
+    cuda_backend_or_skip()
+    assert "cuda" in backends._auto_candidates("cuda")
+    monkeypatch.setattr(backends.auto, "_AUTO_CACHE", {})
+    monkeypatch.setattr(backends.auto, "_AUTO_TIMINGS", {})
+    monkeypatch.delenv("DFS_KERNELS_AUTOTUNE_CACHE", raising=False)
+    auto = backends.MeasuredAuto(["aten", "cuda"], device_type="cuda")
+    x = torch.randn(8, 32, 16, 16, device="cuda", requires_grad=True)
+    w = torch.randn(32, 32, 3, 3, device="cuda", requires_grad=True)
+    out = auto.partitioned_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, 16)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, padding=1))
+    (entry,) = backends.auto_choices().values()
+    assert set(entry["seconds"]) == {"aten", "cuda"} and entry["backend"] in {"aten", "cuda"}
