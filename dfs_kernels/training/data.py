@@ -1,7 +1,8 @@
-"""In-memory image classification datasets for the trainer, as tensors (no torchvision).
+"""Image classification datasets for the trainer.
 
-``load_dataset(name, data_dir=None, seed=0) -> Splits`` gives ``train``, ``val`` and ``test``
-``TensorDataset``s of images [N, 3, 32, 32] float32 (normalized) and labels [N] int64:
+``load_dataset(name, data_dir=None, seed=0) -> Splits`` gives ``train``, ``val`` and ``test`` datasets
+of (normalized float32 image [3, H, W], int64 label). All but ImageNet live in memory as
+``TensorDataset``s of images [N, 3, 32, 32] and labels [N]:
 
 - ``"digits"``: scikit-learn's bundled 8x8 digits (no download), upsampled bilinearly to 32x32,
   replicated to 3 channels, normalized with the training split's statistics; a seeded permutation
@@ -9,9 +10,13 @@
 - ``"synthetic"``: small random data with class-dependent means (learnable), for smoke tests.
 - ``"cifar100"``: CIFAR-100 from a local folder in the python-pickle layout (``cifar-100-python/``
   with ``train``, ``test``, ``meta``, or that folder itself); never downloads. The pickles are read
-  with ``RestrictedUnpickler``. Empty val split; augmentation random crop (pad 4) + horizontal flip.
+  with ``RestrictedUnpickler``. Empty val split (thresholds of anytime inference come from a held-out
+  part of train).
+- ``"imagenet"``: an ImageNet-style folder (``train/`` and ``val/`` with one subfolder per class), read
+  by torchvision's ``ImageFolder`` (torchvision needed) with its transforms: random-resized 224 crop
+  and flip for train, resize 256 + centre 224 crop for test (the official val images).
 
-``augment(images, kind, generator)`` applies a split's train-time augmentation to a batch.
+Train-time augmentation of the in-memory datasets is ``augment.Augmentation``'s, chosen by the trainer.
 """
 
 from __future__ import annotations
@@ -23,23 +28,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-DATASETS = ("digits", "synthetic", "cifar100")
+DATASETS = ("digits", "synthetic", "cifar100", "imagenet")
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_FILES = ("train", "test", "meta")
+IMAGENET_FOLDERS = ("train", "val")
 
 
 @dataclass
 class Splits:
-    """A dataset's splits. augmentation: ``augment``'s kind for the train split ("none" or "crop_flip")."""
+    """A dataset's splits; ``mean`` and ``std`` (per channel) are what the images were normalized with."""
 
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    train: Dataset
+    val: Dataset
+    test: Dataset
     num_classes: int
-    augmentation: str = "none"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
 
 def _split(images: torch.Tensor, labels: torch.Tensor, fractions: tuple[float, float], seed: int):
@@ -70,7 +79,8 @@ def load_digits(seed: int = 0) -> Splits:
     train_images = splits[0][0]
     mean = train_images.mean(dim=(0, 2, 3))
     std = train_images.std(dim=(0, 2, 3))
-    return Splits(*_normalize(splits, mean, std), num_classes=10, augmentation="none")
+    return Splits(*_normalize(splits, mean, std), num_classes=10, mean=tuple(mean.tolist()),
+                  std=tuple(std.tolist()))
 
 
 def load_synthetic(seed: int = 0, num_samples: int = 64, num_classes: int = 4) -> Splits:
@@ -85,7 +95,7 @@ def load_synthetic(seed: int = 0, num_samples: int = 64, num_classes: int = 4) -
         return TensorDataset(images, labels)
 
     half = max(num_samples // 2, 1)
-    return Splits(make(num_samples), make(half), make(half), num_classes=num_classes, augmentation="none")
+    return Splits(make(num_samples), make(half), make(half), num_classes=num_classes)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -169,7 +179,30 @@ def load_cifar100(data_dir: str | None) -> Splits:
     empty = (torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.int64))
     train_set, val_set, test_set = _normalize([train, empty, test], torch.tensor(CIFAR100_MEAN),
                                               torch.tensor(CIFAR100_STD))
-    return Splits(train_set, val_set, test_set, num_classes=100, augmentation="crop_flip")
+    return Splits(train_set, val_set, test_set, num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD)
+
+
+def load_imagenet(data_dir: str | None) -> Splits:
+    """ImageNet from ``data_dir/{train,val}/<class>/<image>`` through torchvision (the val split is empty)."""
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as error:  # also: a torchvision whose compiled ops do not match torch
+        raise ImportError(f"the 'imagenet' dataset needs torchvision ({error}): pip install torchvision") from error
+    folders = [os.path.join(data_dir or "", name) for name in IMAGENET_FOLDERS]
+    missing = [folder for folder in folders if not os.path.isdir(folder)]
+    if data_dir is None or missing:
+        raise FileNotFoundError(
+            "ImageNet not found: expected the folders train/ and val/ (one subfolder per class) under "
+            f"--data-dir; {'no --data-dir given' if data_dir is None else f'missing {missing}'}")
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = datasets.ImageFolder(folders[0], transforms.Compose([
+        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
+    test = datasets.ImageFolder(folders[1], transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]))
+    if train.classes != test.classes:
+        raise ValueError(f"ImageNet train/ and val/ class folders differ under {data_dir}")
+    empty = TensorDataset(torch.empty(0, 3, 224, 224), torch.empty(0, dtype=torch.int64))
+    return Splits(train, empty, test, num_classes=len(train.classes), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, synthetic_samples: int = 64) -> Splits:
@@ -181,24 +214,7 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, syntheti
         return load_synthetic(seed, synthetic_samples)
     if name == "cifar100":
         return load_cifar100(data_dir)
+    if name == "imagenet":
+        return load_imagenet(data_dir)
     raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
 
-
-def augment(images: torch.Tensor, kind: str, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Train-time augmentation of a batch [N, C, H, W] on its device, randomness from ``generator``
-    (a CPU generator). "none": unchanged. "crop_flip": random crop after zero padding by ``padding``,
-    then a horizontal flip with probability 1/2, per image."""
-    if kind == "none":
-        return images
-    if kind != "crop_flip":
-        raise ValueError(f"unknown augmentation {kind!r}")
-    n, _, height, width = images.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    padded = F.pad(images, (padding, padding, padding, padding))
-    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # [N, H]
-    cols = offsets[1, :, None] + torch.arange(width, device=images.device)  # [N, W]
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()

@@ -93,6 +93,12 @@ class GradientDeconfliction(Strategy):
         self.order = order
         self.generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def backward(self, model, images, labels, *, scaler=None):
         network = unwrap(model)
         logits, features = network(images, return_features=True)

@@ -63,6 +63,13 @@ class Strategy:
         """Forward ``images`` [N, C, H, W], per-exit losses against ``labels`` [N], gradients into ``.grad``."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly (random state); empty for stateless strategies."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()``'s output."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(loss={type(self.loss).__name__})"
 
@@ -72,9 +79,26 @@ def scaled(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Ten
     return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
 
 
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module inside a ``DistributedDataParallel`` or ``torch.compile`` wrapper (None: not a wrapper)."""
+    if isinstance(model, DistributedDataParallel):
+        return model.module
+    return getattr(model, "_orig_mod", None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The network inside any ``DistributedDataParallel`` / ``torch.compile`` wrappers (the model itself
+    otherwise)."""
+    while (inner := _wrapped(model)) is not None:
+        model = inner
+    return model
+
+
+def data_parallel(model: nn.Module) -> DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapper among ``model``'s wrappers, if any."""
+    while model is not None and not isinstance(model, DistributedDataParallel):
+        model = _wrapped(model)
+    return model
 
 
 def accumulate_grad(parameter: torch.Tensor, gradient: torch.Tensor | None) -> None:
@@ -89,14 +113,13 @@ def accumulate_grad(parameter: torch.Tensor, gradient: torch.Tensor | None) -> N
 
 def average_across_ranks(model: nn.Module, tensors: Iterable[torch.Tensor]) -> None:
     """In place, the mean of each tensor over the ranks of ``model``'s DDP process group; nothing when
-    ``model`` is not a ``DistributedDataParallel``. The tensors travel in one flat buffer (one
+    ``model`` is not wrapped in ``DistributedDataParallel``. The tensors travel in one flat buffer (one
     collective per call, at the price of one temporary copy)."""
-    if not isinstance(model, DistributedDataParallel):
-        return
+    wrapper = data_parallel(model)
     tensors = list(tensors)
-    if not tensors:
+    if wrapper is None or not tensors:
         return
-    group = model.process_group
+    group = wrapper.process_group
     flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
     dist.all_reduce(flat, group=group)
     flat /= dist.get_world_size(group)

@@ -1,14 +1,24 @@
-"""Single-process training loop for multi-exit networks: ``train(TrainConfig(...)) -> metrics``.
+"""Training loop for multi-exit networks, on one process or many (``torchrun``): ``train(TrainConfig(...))``.
 
-Per epoch: one pass over the (shuffled, augmented) train split through ``strategy.backward``, SGD
-(momentum 0.9) + MultiStepLR stepped per epoch, then per-exit accuracy on the val (if any) and test
-splits. Writes ``OUT/metrics.json``, ``OUT/metrics.csv`` and, atomically, ``OUT/last.pt`` after each
-epoch. ``resume=True`` continues from ``OUT/last.pt`` exactly: the shuffling/augmentation generator,
-the global RNGs, model, optimizer, scheduler and scaler states are all checkpointed, so (with
-deterministic kernels) the final weights equal those of an uninterrupted run.
+Per epoch: this rank's batches (``loader.rank_batches``: the global batch is split over the processes),
+each through ``strategy.backward``, SGD (momentum 0.9) + MultiStepLR stepped per epoch, then per-exit
+accuracy on the val (if any) and test splits, each rank evaluating a shard. Rank 0 writes
+``OUT/metrics.json``, ``OUT/metrics.csv`` and, atomically, ``OUT/last.pt``: after each epoch, and every
+``checkpoint_every`` steps within one.
+
+Exact resume: ``resume=True`` continues from ``OUT/last.pt``, at an epoch end or mid-epoch. The
+checkpoint holds model, optimizer, scheduler, scaler, strategy and RNG states, the step reached and the
+partial loss sums; the order of the samples and their augmentation are functions of (seed, epoch,
+index) (``loader``), so the steps after the resume see the batches an uninterrupted run sees and (with
+deterministic kernels) end with the same weights. A process count change on resume is allowed: the
+global batches do not depend on it.
+
+Distributed: ``WORLD_SIZE > 1`` (torchrun) trains with DistributedDataParallel, NCCL on CUDA and Gloo on
+CPU; ``batch_size`` is the global batch. BatchNorm statistics are those of the global batch
+(``sync_bn``, default on), so W processes train the network one process would on the whole batch.
 
 Milestones follow the CIFAR recipes (``MODELS.md``) for 300 epochs and are scaled to ``epochs``
-otherwise. Distributed training (WORLD_SIZE > 1) is not implemented.
+otherwise; the augmentation follows the recipe too (``augment.recipe_augmentation``).
 """
 
 from __future__ import annotations
@@ -22,12 +32,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..models import build_model
-from . import build_strategy
+from . import build_strategy, distributed
+from .augment import Augmentation, recipe_augmentation
 from .checkpoint import load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
-from .data import augment, load_dataset
+from .data import load_dataset
+from .loader import make_source, rank_batches, shard_batches
 
 RECIPE_MILESTONES = {"vgg7": (270, 280, 295), "vgg16": (270, 280, 295)}
 DEFAULT_MILESTONES = (250, 280, 295)
@@ -35,7 +48,8 @@ RECIPE_WEIGHT_DECAY = {"vgg7": 1e-4, "vgg16": 1e-4}
 DEFAULT_WEIGHT_DECAY = 5e-4
 RECIPE_EPOCHS = 300
 RESUME_KEYS = ("model", "strategy", "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "milestones", "beta", "flavour", "seed", "synthetic_samples", "strategy_kwargs")
+               "milestones", "beta", "flavour", "seed", "synthetic_samples", "strategy_kwargs", "augmentation",
+               "sync_bn")
 """Config fields a resumed run must share with the checkpoint's."""
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,11 +58,16 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TrainConfig:
     """Everything a run depends on (stored in the checkpoint and metrics.json).
 
+    batch_size: the global batch (split over the processes of a torchrun job).
     flavour: model flavour; None picks "dfs" for the dfs strategy and "dsn" otherwise.
     weight_decay: None takes the recipe's (1e-4 for VGG, 5e-4 otherwise).
     milestones: None scales the recipe's to ``epochs``.
+    augmentation: one of ``augment.AUGMENTATIONS``; None takes the recipe's for (dataset, model).
+    checkpoint_every: also checkpoint every this many steps within an epoch (0: at epoch ends only).
     stop_after: stop (with a checkpoint) after this many finished epochs, as a preempted job would.
-    deterministic: ``torch.use_deterministic_algorithms(True)``.
+    deterministic: ``torch.use_deterministic_algorithms(True)`` for the run.
+    sync_bn: BatchNorm over the global batch when several processes train.
+    workers: DataLoader workers for folder datasets (ImageNet).
     synthetic_samples: train samples of the "synthetic" dataset (val and test get half).
     """
 
@@ -69,11 +88,15 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    augmentation: str | None = None
     seed: int = 0
     device: str | None = None
     resume: bool = False
+    checkpoint_every: int = 0
     stop_after: int | None = None
     deterministic: bool = False
+    sync_bn: bool = True
+    workers: int = 4
     progress: bool = True
     synthetic_samples: int = 64
     strategy_kwargs: dict = field(default_factory=dict)
@@ -87,11 +110,6 @@ def scaled_milestones(model: str, epochs: int) -> list[int]:
     return sorted({max(1, round(m * epochs / RECIPE_EPOCHS)) for m in recipe})
 
 
-def _check_single_process() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NotImplementedError("distributed (WORLD_SIZE > 1) training is not implemented; run one process")
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -99,21 +117,25 @@ def _seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, batch_size: int, device, amp_dtype, channels_last: bool) -> list[float]:
-    """Per-exit top-1 accuracy (%) of ``model`` on ``dataset`` (eval mode; the caller restores train())."""
-    images_all, labels_all = dataset.tensors
+def evaluate(model, dataset, *, batch_size: int, device, amp_dtype=None, channels_last: bool = False,
+             job: distributed.Distributed = distributed.Distributed(), workers: int = 0) -> list[float]:
+    """Per-exit top-1 accuracy (%) of ``model`` on ``dataset``, each rank of ``job`` taking a shard (eval
+    mode; the caller restores train())."""
     model.eval()
+    source = make_source(dataset, Augmentation("none", (0.0,), (1.0,)), seed=0, workers=workers)
     correct = None
-    for start in range(0, len(labels_all), batch_size):
-        images = images_all[start:start + batch_size].to(device, non_blocking=True)
-        labels = labels_all[start:start + batch_size].to(device, non_blocking=True)
+    for images, labels in source.iterate(shard_batches(len(source), batch_size, job.rank, job.world_size), 0,
+                                         device):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         hits = torch.stack([(z.argmax(1) == labels).sum() for z in logits])
         correct = hits if correct is None else correct + hits
-    return (100.0 * correct.double() / max(len(labels_all), 1)).tolist()
+    if correct is None:  # this rank's shard is empty
+        correct = torch.zeros(len(model.exit_modules()), dtype=torch.long, device=device)
+    correct = job.sum(correct)
+    return (100.0 * correct.double() / max(len(dataset), 1)).tolist()
 
 
 def _write_metrics(out: str, config: TrainConfig, history: list[dict]) -> None:
@@ -135,108 +157,157 @@ def _write_metrics(out: str, config: TrainConfig, history: list[dict]) -> None:
                              *row["val_acc"], *row["test_acc"]])
 
 
-def train(config: TrainConfig, on_epoch=None) -> dict:
-    """Runs (or resumes) ``config``; ``on_epoch(record)`` is called after each epoch. Returns
-    ``{"config": ..., "epochs": [per-epoch records]}``, as written to metrics.json. A record holds
-    epoch, lr, loss, seconds, train_loss (per exit, mean over batches), val_acc and test_acc (per exit, %)."""
-    _check_single_process()
-    if config.amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    os.makedirs(config.out, exist_ok=True)
-    checkpoint_path = os.path.join(config.out, "last.pt")
-    _seed_everything(config.seed)
+@dataclass
+class _Run:
+    """The live objects of a run; ``runner`` is what strategies call (DDP / compile wrappers around model)."""
 
-    splits = load_dataset(config.dataset, config.data_dir, seed=config.seed,
-                          synthetic_samples=config.synthetic_samples)
+    model: torch.nn.Module
+    runner: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    strategy: object
+
+    def state(self, config: TrainConfig, *, epoch: int, step: int, loss_sums, history: list[dict]) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "strategy": self.strategy.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
+                "loss_sums": loss_sums, "config": asdict(config), "history": history}
+
+
+def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed) -> _Run:
     flavour = config.flavour or ("dfs" if config.strategy == "dfs" else "dsn")
-    model = build_model(config.model, num_classes=splits.num_classes, flavour=flavour, beta=config.beta,
-                        backend=config.backend).to(device)
+    model = build_model(config.model, num_classes=num_classes, flavour=flavour, beta=config.beta,
+                        backend=config.backend)
+    if job.enabled and config.sync_bn:
+        model = distributed.synchronize_batch_norm(model, device)
+    model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    strategy = build_strategy(config.strategy, **config.strategy_kwargs)
     weight_decay = config.weight_decay if config.weight_decay is not None else RECIPE_WEIGHT_DECAY.get(
         config.model, DEFAULT_WEIGHT_DECAY)
-    milestones = config.milestones or scaled_milestones(config.model, config.epochs)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=weight_decay)
+    milestones = config.milestones or scaled_milestones(config.model, config.epochs)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    amp_dtype = AMP_DTYPES[config.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    generator = torch.Generator().manual_seed(config.seed)  # shuffling + augmentation
-    history: list[dict] = []
-    start_epoch = 0
+    strategy = build_strategy(config.strategy, **config.strategy_kwargs)
+    return _Run(model, model, optimizer, scheduler, scaler, strategy)
 
+
+def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device) -> tuple[int, int, object, list]:
+    """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from."""
+    state = load_checkpoint(path, map_location=device)
+    saved = state["config"]
+    changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
+    if changed:
+        raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
+                         f"({[saved.get(key) for key in changed]} there); use another --out")
+    restore_model(run.model, state["model"], path)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.strategy.load_state_dict(state.get("strategy", {}))
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ValueError(f"checkpoint {path} does not match this run: {error}") from error
+    set_rng_state(state["rng"])
+    return state["epoch"], state["step"], state.get("loss_sums"), list(state.get("history", []))
+
+
+def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
+    """Runs (or resumes) ``config``. ``on_epoch(record)`` is called on rank 0 after each epoch,
+    ``on_step(epoch, step)`` on every rank after each step (and its checkpoint, if one is due). Returns
+    ``{"config": ..., "epochs": [per-epoch records]}``, as written to metrics.json. A record holds
+    epoch, lr, loss, seconds, train_loss (per exit, mean over batches), val_acc and test_acc (per exit, %)."""
+    if config.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
+    started_group = not torch.distributed.is_initialized()
+    job, device = distributed.setup(config.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(config.deterministic or was_deterministic)
+    try:
+        return _train(config, job, device, on_epoch, on_step)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        if started_group:
+            distributed.teardown()
+
+
+def _train(config: TrainConfig, job: distributed.Distributed, device: torch.device, on_epoch, on_step) -> dict:
+    checkpoint_path = os.path.join(config.out, "last.pt")
+    if job.is_main:
+        os.makedirs(config.out, exist_ok=True)
+    _seed_everything(config.seed)
+    splits = load_dataset(config.dataset, config.data_dir, seed=config.seed,
+                          synthetic_samples=config.synthetic_samples)
+    augmentation = Augmentation(config.augmentation or recipe_augmentation(config.dataset, config.model),
+                                splits.mean, splits.std)
+    source = make_source(splits.train, augmentation, seed=config.seed, workers=config.workers)
+    run = _build(config, splits.num_classes, device, job)
+    start_epoch, start_step, resumed_sums, history = 0, 0, None, []
     if config.resume and os.path.exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        restore_model(model, state["model"], checkpoint_path)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            generator.set_state(state["generator"])
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise ValueError(f"checkpoint {checkpoint_path} does not match this run: {error}") from error
-        saved = state["config"]
-        changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
-        if changed:
-            raise ValueError(f"checkpoint {checkpoint_path} was written by a different run: {changed} differ "
-                             f"({[saved.get(key) for key in changed]} there); use another --out")
-        set_rng_state(state["rng"])
-        if state["step"] != 0:
-            raise ValueError(f"checkpoint {checkpoint_path} was saved mid-epoch; only epoch ends are resumable")
-        start_epoch = state["epoch"]
-        history = list(state.get("history", []))
+        start_epoch, start_step, resumed_sums, history = _resume(run, config, checkpoint_path, device)
+    if job.enabled:
+        run.runner = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        run.runner = torch.compile(run.runner)
+    amp_dtype = AMP_DTYPES[config.amp]
 
-    runner = torch.compile(model) if config.compile else model
-    images_all, labels_all = splits.train.tensors
-    num_train = len(labels_all)
+    def checkpoint(epoch: int, step: int, loss_sums) -> None:
+        if job.is_main:
+            save_checkpoint(checkpoint_path, run.state(config, epoch=epoch, step=step, loss_sums=loss_sums,
+                                                      history=history))
+
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
     for epoch in range(start_epoch, last_epoch):
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(num_train, generator=generator)
-        batches = [order[i:i + config.batch_size] for i in range(0, num_train, config.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs > 1 sample
-            batches.pop()
-        loss_sums = None
-        progress = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
-                        leave=False)
-        for index in progress:
-            images = augment(images_all[index], splits.augmentation, generator).to(device, non_blocking=True)
-            labels = labels_all[index].to(device, non_blocking=True)
+        run.model.train()
+        batches = rank_batches(len(source), config.batch_size, epoch=epoch, seed=config.seed, rank=job.rank,
+                               world_size=job.world_size)
+        first = start_step if epoch == start_epoch else 0
+        loss_sums = resumed_sums if epoch == start_epoch else None
+        progress = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
+                        disable=not (config.progress and job.is_main), leave=False)
+        for step, (images, labels) in enumerate(source.iterate(batches[first:], epoch, device), start=first):
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                result = strategy.backward(runner, images, labels,
-                                           scaler=scaler if scaler.is_enabled() else None)
-            scaler.step(optimizer)
-            scaler.update()
+                result = run.strategy.backward(run.runner, images, labels,
+                                               scaler=run.scaler if run.scaler.is_enabled() else None)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
             terms = torch.stack(result.exit_losses).float()
             loss_sums = terms if loss_sums is None else loss_sums + terms
-            if config.progress:
+            progress.update(1)
+            if config.progress and job.is_main:
                 progress.set_postfix(loss=f"{result.loss.item():.3f}")
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        eval_args = dict(batch_size=max(config.batch_size, 256), device=device, amp_dtype=amp_dtype,
-                         channels_last=config.channels_last)
-        val_acc = evaluate(runner, splits.val, **eval_args) if len(splits.val) else []
-        test_acc = evaluate(runner, splits.test, **eval_args)
-        train_loss = (loss_sums / len(batches)).tolist()
+            done = step + 1
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < len(batches):
+                checkpoint(epoch, done, job.mean(loss_sums))
+            if on_step is not None:
+                on_step(epoch, done)
+        progress.close()
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        eval_args = dict(batch_size=max(config.batch_size // job.world_size, 256), device=device,
+                         amp_dtype=amp_dtype, channels_last=config.channels_last, job=job, workers=config.workers)
+        # the bare model: in eval mode no layer talks to other ranks, and DDP's per-forward buffer
+        # broadcast would deadlock ranks whose shards have different batch counts
+        val_acc = evaluate(run.model, splits.val, **eval_args) if len(splits.val) else []
+        test_acc = evaluate(run.model, splits.test, **eval_args)
+        train_loss = (job.mean(loss_sums) / len(batches)).tolist()
         record = {"epoch": epoch + 1, "lr": lr, "loss": sum(train_loss), "seconds": time.perf_counter() - started,
                   "train_loss": train_loss, "val_acc": val_acc, "test_acc": test_acc}
         history.append(record)
-        save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "generator": generator.get_state(), "epoch": epoch + 1, "step": 0, "config": asdict(config),
-            "history": history,
-        })
+        checkpoint(epoch + 1, 0, None)
+        if job.is_main:
+            _write_metrics(config.out, config, history)
+            if on_epoch is not None:
+                on_epoch(record)
+    if job.is_main:
         _write_metrics(config.out, config, history)
-        if on_epoch is not None:
-            on_epoch(record)
-    _write_metrics(config.out, config, history)
     return {"config": asdict(config), "epochs": history}
