@@ -160,3 +160,37 @@ def test_dfs_flavour_is_built_from_the_package_modules():
     msdnet = models.build_model("msdnet", flavour="dfs")
     assert count(msdnet, dfs_kernels.FeatureReroute) == 6
     assert count(models.build_model("vgg7", flavour="dsn"), dfs_kernels.PartitionedConv2d) == 0
+
+
+def run_blockwise(blocks, heads, images):
+    state, outputs = (images,), []
+    for block, head in zip(blocks, heads):
+        state = block(state)
+        outputs.append(head(state))
+    return outputs
+
+
+def assert_all_equal(actual, expected):
+    assert len(actual) == len(expected)
+    assert all(torch.equal(got, want) for got, want in zip(actual, expected))
+
+
+@pytest.mark.parametrize("flavour", models.FLAVOURS)
+@pytest.mark.parametrize("name, kwargs", [("vgg7", {}), ("resnet18", {}), ("msdnet", {"growth_rate": 2})])
+def test_blockwise_view_reproduces_the_forward(name, kwargs, flavour):
+    model = models.build_model(name, num_classes=10, flavour=flavour, **kwargs).double()
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
+    view = models.blockwise_view(model)
+    for training in (True, False):  # BatchNorm with batch statistics, then with running ones
+        model.train(training)
+        with torch.no_grad():
+            assert_all_equal(run_blockwise(view.blocks, view.heads, images), model(images))
+            if name == "resnet18":
+                pairs = run_blockwise(view.blocks, view.feature_heads, images)
+                logits, features = model(images, return_features=True)
+                assert_all_equal([pair[0] for pair in pairs], logits)
+                assert_all_equal([pair[1] for pair in pairs], features)
+            else:
+                assert view.feature_heads is None
+    owned = [id(p) for parameters in view.block_parameters + view.head_parameters for p in parameters]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())  # every parameter owned exactly once

@@ -123,9 +123,9 @@ def owners(model, block_modules, head_modules):
     return [owner[id(p)] for p in model.parameters()]
 
 
-def windowed_sum(model, images, labels, starts, parameter_owners):
+def windowed_sum(model, images, labels, starts, parameter_owners, loss=None):
     """Block b's parameters summed over the exits k with starts[k] <= b <= k; head k's from exit k only."""
-    grads = per_exit_gradients(model, images, labels)
+    grads = per_exit_gradients(model, images, labels, loss)
     expected = []
     for position, (kind, index) in enumerate(parameter_owners):
         if kind == "head":
@@ -164,6 +164,21 @@ def test_bdl_on_msdnet_matches_windowed_sum(flavour):
     assert_all_close(strategy_gradients(strategy, model, images, labels), expected, names)
 
 
+@pytest.mark.parametrize("flavour", ["dsn", "dfs"])
+def test_bdl_on_resnet_with_feature_distillation_matches_windowed_sum(flavour):
+    # Exit k sits after stage k (the stem belongs to block 1); every distillation term, the feature
+    # term included, stays inside its exit's window because its teacher is detached.
+    model = resnet18(NUM_CLASSES, flavour=flavour).double()
+    images, labels = batch(2, 32)
+    loss = SelfDistillationLoss(gamma=0.3, feature_weight=0.5)
+    strategy = BlockDependentLosses(2, loss=loss)
+    blocks = [torch.nn.ModuleList([model.conv1, model.bn1, model.stages[0]]), *model.stages[1:]]
+    parameter_owners = owners(model, blocks, model.exits)
+    expected = windowed_sum(model, images, labels, strategy.starts(len(model.exits)), parameter_owners, loss)
+    names = [name for name, _ in model.named_parameters()]
+    assert_all_close(strategy_gradients(strategy, model, images, labels), expected, names)
+
+
 def test_bdl_keeps_forward_values():
     model, (images, labels) = tiny_vgg("dfs"), batch()
     result = BlockDependentLosses(2).backward(model, images, labels)
@@ -173,7 +188,7 @@ def test_bdl_keeps_forward_values():
 
 def test_bdl_rejects_unsupported_models_and_bad_boundaries():
     with pytest.raises(TypeError, match="MultiExitVGG"):
-        BlockDependentLosses(2).backward(resnet18(NUM_CLASSES).double(), *batch(2, 32))
+        BlockDependentLosses(2).backward(torch.nn.Sequential(torch.nn.Flatten()), *batch())
     with pytest.raises(ValueError, match="group boundaries"):
         BlockDependentLosses(2, group_boundaries=(6,)).backward(tiny_vgg(), *batch())
 

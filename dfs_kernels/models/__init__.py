@@ -8,12 +8,14 @@ returns ``(logits, features)``, where features are the distillation features of 
 adaptation outputs of exits 1-3 and the pooled final feature) and None for VGG and MSDNet, which have
 no adaptation layers.
 
+``blockwise_view(model)`` cuts a model at its exits, to run it one block at a time.
 ``python -m dfs_kernels.models.summary --model NAME`` prints per-exit parameters and FLOPs.
 """
 
 from __future__ import annotations
 
 from ._common import EXIT_GRADS, FLAVOURS, MultiExitNetwork
+from .blockwise import Blockwise, blockwise_view
 from .msdnet import MSDNet, msdnet
 from .resnet import MultiExitResNet18, resnet18
 from .vgg import MultiExitVGG, vgg7_64, vgg16_64
@@ -42,6 +44,7 @@ def build_model(name: str, **kwargs) -> MultiExitNetwork:
 
 
 __all__ = [
+    "Blockwise",
     "EXIT_GRADS",
     "FLAVOURS",
     "MODELS",
@@ -49,6 +52,7 @@ __all__ = [
     "MultiExitNetwork",
     "MultiExitResNet18",
     "MultiExitVGG",
+    "blockwise_view",
     "build_model",
     "msdnet",
     "resnet18",

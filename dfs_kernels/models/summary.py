@@ -7,7 +7,7 @@ earlier classifiers too), which is the cost of anytime prediction up to exit k.
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts convolutions and matrix
 products (2 FLOPs per multiply-add) and nothing else: the MSDNet literature's "FLOPs" are
 multiply-adds, i.e. half these. They are counted on the "dsn" flavour, whose forward is the same
-computation as the DFS flavours' (the counter does not see inside the package's custom ops).
+computation as the DFS flavours' (the counter cannot count the "triton" backend's kernels).
 """
 
 from __future__ import annotations

@@ -26,75 +26,16 @@ gradient tensor of a block output's size per live stream.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from ..models.msdnet import MSDNet
-from ..models.vgg import MultiExitVGG
+from ..models.blockwise import Blockwise, State, blockwise_view
 from .losses import ExitLoss
 from .strategies import StepResult, Strategy, accumulate_grad, average_across_ranks, scaled, unwrap
 
-State = tuple[torch.Tensor, ...]
-"""A block boundary: the tensor(s) block k hands to block k+1 and exit k (MSDNet: one per scale)."""
-
-
-@dataclass
-class Blockwise:
-    """A multi-exit network cut at its exits: ``blocks[k](state) -> state`` (block 0 reads the images
-    as a one-tensor state) and ``heads[k](state) -> [N, num_classes]`` for exit k, with the
-    parameters each one owns. Running the blocks in order and a head on each output reproduces
-    the model's forward."""
-
-    blocks: list[Callable[[State], State]]
-    heads: list[Callable[[State], torch.Tensor]]
-    block_parameters: list[list[nn.Parameter]]
-    head_parameters: list[list[nn.Parameter]]
-
-
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [parameter for parameter in module.parameters() if parameter.requires_grad]
-
-
-def _vgg_blockwise(model: MultiExitVGG) -> Blockwise:
-    # Block k = conv layer k; its conv reads the previous boundary as the model's non-fused forward does.
-    blocks = [lambda state, layer=layer: (layer(state[0]),) for layer in model.layers]
-    heads = [lambda state, exit=exit: exit(state[0]) for exit in model.exits]
-    return Blockwise(blocks, heads, [_trainable(layer) for layer in model.layers],
-                     [_trainable(exit) for exit in model.exits])
-
-
-def _msdnet_blockwise(model: MSDNet) -> Blockwise:
-    # The DFS split after block k belongs to the boundary: the next block reads its backbone side,
-    # exit k its exit side (the split has no parameters, so running it twice changes nothing).
-    last = len(model.blocks) - 1
-
-    def block(state: State, index: int) -> State:
-        scales = list(state)
-        if index > 0:
-            scales[-1] = model.splits[index - 1](scales[-1])[0]
-        return tuple(model.blocks[index](scales[0] if index == 0 else scales))
-
-    def head(state: State, index: int) -> torch.Tensor:
-        exit_input = state[-1] if index == last else model.splits[index](state[-1])[1]
-        return model.classifier[index](exit_input)
-
-    indices = range(len(model.blocks))
-    return Blockwise([lambda state, i=i: block(state, i) for i in indices],
-                     [lambda state, i=i: head(state, i) for i in indices],
-                     [_trainable(model.blocks[i]) for i in indices],
-                     [_trainable(model.classifier[i]) for i in indices])
-
-
-def blockwise_view(model: nn.Module) -> Blockwise:
-    """The ``Blockwise`` cut of a supported model (MultiExitVGG, MSDNet)."""
-    if isinstance(model, MultiExitVGG):
-        return _vgg_blockwise(model)
-    if isinstance(model, MSDNet):
-        return _msdnet_blockwise(model)
-    raise TypeError(f"block-dependent losses support MultiExitVGG and MSDNet, not {type(model).__name__}")
+# The block cut lives in dfs_kernels.models.blockwise; Blockwise and blockwise_view stay importable from here.
+__all__ = ["BlockDependentLosses", "Blockwise", "State", "blockwise_view", "window_starts"]
 
 
 def window_starts(num_exits: int, window: int | None, group_boundaries: Sequence[int],
@@ -129,8 +70,8 @@ class BlockDependentLosses(Strategy):
             {1-3},{4-7}; combined with ``window`` the tighter limit applies.
         include_final: the final exit updates every block.
         loss: per-exit terms (``DeepSupervisionLoss`` by default; ``SelfDistillationLoss`` adds BYOT's
-            distillation: its teacher is detached, so it stays inside exit k's window; the supported
-            models have no distillation features, so the feature term does not apply).
+            distillation: its teacher, logits and feature, is detached, so every term stays inside exit
+            k's window; the feature term applies to the models with distillation features, ResNet-18).
     """
 
     name = "bdl"
@@ -164,8 +105,12 @@ class BlockDependentLosses(Strategy):
             state = tuple(tensor.detach().requires_grad_() for tensor in output)
             outputs.append(output)
             boundaries.append(state)
-        logits = [head(boundary) for head, boundary in zip(view.heads, boundaries)]
-        exit_losses = self.loss(logits, None, labels)
+        if view.feature_heads is None:
+            logits, features = [head(boundary) for head, boundary in zip(view.heads, boundaries)], None
+        else:
+            pairs = [head(boundary) for head, boundary in zip(view.feature_heads, boundaries)]
+            logits, features = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        exit_losses = self.loss(logits, features, labels)
 
         streams: dict[int, State] = {}  # window start -> d(losses of the exits with that start)/d boundaries[k]
         for k in reversed(range(len(view.blocks))):
