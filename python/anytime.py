@@ -136,6 +136,9 @@ def print_runner(records: list[dict], timing: inference.SpeedupResult, images: i
 def evaluate_run(run_dir: str, args, device: torch.device, datasets: dict):
     """(JSON record, plot curves) of one run, printing its tables."""
     config, model, splits = load_run(run_dir, device, datasets, args.data_dir)
+    if not isinstance(splits.test, torch.utils.data.TensorDataset):
+        raise SystemExit(f"{run_dir}: anytime.py evaluates in-memory datasets (digits, synthetic, cifar100); "
+                         f"{config['dataset']!r} is read from image folders, which it does not support yet")
     progress = not args.no_progress
     fit_set, fit_description = threshold_split(splits, args.holdout)
     val = inference.collect_exit_outputs(model, fit_set, batch_size=args.batch_size, progress=progress)
