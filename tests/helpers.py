@@ -7,8 +7,6 @@ import dataclasses
 
 import torch
 
-import dfs_kernels
-from dfs_kernels import functional
 from dfs_kernels.testing import assert_close
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
@@ -93,29 +91,6 @@ def conv_leaves(conv: Conv, layout: str, dtype: torch.dtype, device="cpu") -> li
     ).requires_grad_()
     bias = torch.randn(conv.out_channels, dtype=dtype, device=device).requires_grad_() if conv.bias else None
     return [t for t in (base, weight, bias) if t is not None]
-
-
-class TinyStage(torch.nn.Module):
-    """conv -> DFS stage (partitioned conv + exit) -> reroute -> exit and partitioned conv, on one backend
-    (the CUDA compile and CUDA-graph tests)."""
-
-    def __init__(self, backend: str) -> None:
-        super().__init__()
-        self.backend = backend
-        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.body = torch.nn.Conv2d(16, 16, 3, padding=1)  # its parameters feed the stage
-        self.reroute = dfs_kernels.FeatureReroute(16, beta=0.5, backend=backend)
-        self.head = dfs_kernels.PartitionedConv2d(16, 8, 3, padding=1, groups=2, shared_channels=5, backend=backend)
-        self.exit1 = torch.nn.Linear(16, 5)
-        self.exit2 = dfs_kernels.ExitHead(16, 5, shared_channels=4, backend=backend)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        y, pooled = functional.partitioned_conv2d_with_exit_pool(
-            x, self.body.weight, self.body.bias, padding=1, shared_channels=8, backend=self.backend,
-        )
-        backbone, exit_view = self.reroute(torch.relu(y))
-        return self.exit1(pooled), self.exit2(exit_view), self.head(backbone).square().mean(dim=(1, 2, 3))
 
 
 def loss_and_grads(model, x, forward=None):

@@ -18,7 +18,7 @@ import torch
 
 import dfs_kernels
 from dfs_kernels import backends, functional, reference
-from helpers import LAYOUTS, Conv, TinyStage, compare_backward, conv_leaves, loss_and_grads, view_of
+from helpers import LAYOUTS, Conv, compare_backward, conv_leaves, view_of
 
 REASON_CPU = dfs_kernels.unavailable_reason("cuda", "cpu")
 
@@ -261,57 +261,6 @@ def test_opcheck(index):
     cuda_backend_or_skip()
     name, args = opcheck_cases("cuda")[index]
     torch.library.opcheck(getattr(torch.ops.dfs_kernels, name).default, args)
-
-
-@pytest.mark.cuda
-@pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_compile_fullgraph_matches_eager(channels_last):
-    cuda_backend_or_skip()
-    torch._dynamo.reset()
-    model = TinyStage("cuda").cuda()
-    x = torch.randn(4, 3, 12, 10, device="cuda")
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    eager_loss, eager_grads = loss_and_grads(model, x)
-    compiled = torch.compile(model, backend="inductor", fullgraph=True)
-    loss, grads = loss_and_grads(model, x, forward=compiled)
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_graph_capture_and_replay(channels_last):
-    """A training step's forward and backward captured in a CUDA graph: cuDNN's algorithms are chosen
-    in the warm-up, the capture records the kernels on the capturing stream, and a replay on new
-    input gives eager's loss and gradients."""
-    cuda_backend_or_skip()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = TinyStage("cuda").cuda().to(memory_format=fmt)
-    static_x = torch.randn(4, 3, 12, 10, device="cuda").contiguous(memory_format=fmt)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            loss_and_grads(model, static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    model.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = sum(out.square().mean() for out in model(static_x))
-        static_loss.backward()
-    static_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    new_x = torch.randn_like(static_x)
-    eager_loss, eager_grads = loss_and_grads(model, new_x)
-    static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(static_loss, eager_loss, rtol=1e-5, atol=1e-6)
-    assert static_grads.keys() == eager_grads.keys()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(static_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.cuda

@@ -186,7 +186,15 @@ class Augmentation:
         self.image_size = image_size
         self.padding = padding
         self.cutout_size = cutout_size
-        self.policy_magnitudes = [[_magnitudes(op, image_size) for op, _, _ in sub] for sub in CIFAR10_POLICY]
+        # The policy as [25, 2] tables (sub-policy, step), so an image's step is a gather of its row.
+        self.op_names = sorted({op for sub_policy in CIFAR10_POLICY for op, _, _ in sub_policy})
+        steps = [step for sub_policy in CIFAR10_POLICY for step in sub_policy]
+        tables = [(self.op_names.index(op), probability, *self._magnitude(op, bin_index, image_size))
+                  for op, probability, bin_index in steps]
+        op_index, probability, magnitude, signed = (torch.tensor(column).view(len(CIFAR10_POLICY), 2)
+                                                    for column in zip(*tables))
+        self.policy_tables = {"op": op_index, "probability": probability.float(), "magnitude": magnitude.float(),
+                              "signed": signed}
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The random parameters of ``n`` samples, each tensor [n, ...]; always drawn in the same order."""
@@ -213,21 +221,26 @@ class Augmentation:
         pixels = self._autoaugment(_quantize(pixels), params)
         return _cutout((pixels - mean) / std, params["cutout"], self.cutout_size)
 
+    @staticmethod
+    def _magnitude(op: str, bin_index: int | None, image_size: int) -> tuple[float, bool]:
+        magnitudes, signed = _magnitudes(op, image_size)
+        return (float(magnitudes[bin_index]) if bin_index is not None else 0.0), signed
+
     def _autoaugment(self, pixels: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each image runs its sub-policy's two steps in order; a step applies when its draw <= its probability."""
+        """Each image runs its sub-policy's two steps in order; a step applies when its draw <= its
+        probability. Per step, the images doing the same op are transformed together."""
+        tables = {name: table.to(pixels.device) for name, table in self.policy_tables.items()}
+        policy = params["policy"]
         for step in range(2):
-            for index, sub_policy in enumerate(CIFAR10_POLICY):
-                op, probability, bin_index = sub_policy[step]
-                chosen = (params["policy"] == index) & (params["draws"][:, step] <= probability)
-                rows = chosen.nonzero().flatten()
-                if rows.numel() == 0:
-                    continue
-                magnitudes, signed = self.policy_magnitudes[index][step]
-                magnitude = float(magnitudes[bin_index]) if bin_index is not None else 0.0
-                magnitude = torch.full((rows.numel(),), magnitude, device=pixels.device, dtype=pixels.dtype)
-                if signed:
-                    magnitude = torch.where(params["signs"][rows, step] == 0, -magnitude, magnitude)
-                pixels[rows] = _quantize(_apply_op(op, pixels[rows], magnitude))
+            op = tables["op"][policy, step]
+            applies = params["draws"][:, step] <= tables["probability"][policy, step]
+            magnitude = tables["magnitude"][policy, step].to(pixels.dtype)
+            negative = tables["signed"][policy, step] & (params["signs"][:, step] == 0)
+            magnitude = torch.where(negative, -magnitude, magnitude)
+            for index, name in enumerate(self.op_names):
+                rows = (applies & (op == index)).nonzero().flatten()
+                if rows.numel():
+                    pixels[rows] = _quantize(_apply_op(name, pixels[rows], magnitude[rows]))
         return pixels
 
 

@@ -39,14 +39,6 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean of ``tensor`` over the processes (a copy; ``tensor`` itself with one process)."""
-        if not self.enabled:
-            return tensor
-        total = tensor.detach().clone()
-        dist.all_reduce(total)
-        return total / self.world_size
-
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over the processes (a copy; ``tensor`` itself with one process)."""
         if not self.enabled:
@@ -54,6 +46,10 @@ class Distributed:
         total = tensor.detach().clone()
         dist.all_reduce(total)
         return total
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over the processes (``tensor`` itself with one process)."""
+        return self.sum(tensor) / self.world_size if self.enabled else tensor
 
 
 def setup(device: str | None) -> tuple[Distributed, torch.device]:
@@ -116,15 +112,16 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
-def _replace_batch_norm(module: nn.Module, build) -> nn.Module:
+def _replace_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            replacement = build(child)
+            replacement = AllReduceBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                               child.track_running_stats, device=device)
             replacement.load_state_dict(child.state_dict())
             replacement.train(child.training)
-            setattr(module, name, replacement.to(child.weight.device if child.affine else "cpu"))
+            setattr(module, name, replacement)
         else:
-            _replace_batch_norm(child, build)
+            _replace_batch_norm(child, device)
     return module
 
 
@@ -132,11 +129,7 @@ def synchronize_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` with every ``BatchNorm2d`` normalizing over the global batch (see the module docstring)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    def build(bn: nn.BatchNorm2d) -> nn.Module:
-        return AllReduceBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-
-    return _replace_batch_norm(model, build)
+    return _replace_batch_norm(model, device)
 
 
 __all__ = ["AllReduceBatchNorm2d", "Distributed", "setup", "synchronize_batch_norm", "teardown"]

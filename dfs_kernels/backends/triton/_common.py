@@ -128,6 +128,16 @@ def pixels_contiguous(tensor: torch.Tensor) -> bool:
 
 
 @triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: consecutive programs walk GROUP_M row tiles
+    under one column tile, so the column operand's tiles stay in L2 while they are reused."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def load_tile(base, row_offsets, col_offsets, row_mask, col_mask, ROWS_CONTIGUOUS: tl.constexpr):
     """The [R, C] tile ``base[row_offsets[:, None] + col_offsets[None, :]]``, masked entries zero.
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _common
-from ._common import load_tile, store_tile
+from ._common import grouped_tile, load_tile, store_tile
 
 _GPU_CONFIGS = _common.IMPLICIT_GEMM_GPU_CONFIGS
 _INTERPRETER_CONFIG = _common.IMPLICIT_GEMM_INTERPRETER_CONFIG
@@ -60,12 +60,7 @@ def _conv_forward_kernel(
     M = N * hw_out
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
-    # Grouped ordering: consecutive programs share weight tiles (B) while walking GROUP_M pixel tiles.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     # Rows of the tile: output pixels (n, oh, ow).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

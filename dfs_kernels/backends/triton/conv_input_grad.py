@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _common
-from ._common import load_tile, store_tile
+from ._common import grouped_tile, load_tile, store_tile
 
 # The same implicit-GEMM shape family as the forward (pixels x channels x taps * channels).
 _GPU_CONFIGS = _common.IMPLICIT_GEMM_GPU_CONFIGS
@@ -65,11 +65,7 @@ def _conv_input_grad_kernel(
     M = N * phase_pixels
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(CIN_G, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     # Rows: input pixels (n, ih, iw) of this phase, ih = phase_h + th * SH.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

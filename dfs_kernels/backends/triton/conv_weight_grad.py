@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _common
-from ._common import load_tile
+from ._common import grouped_tile, load_tile
 
 _GPU_CONFIGS = [
     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, 4, 4),
@@ -67,11 +67,7 @@ def _conv_weight_grad_kernel(
     num_pid_c = tl.cdiv(CIN_G, BLOCK_N)
     num_pid_m = tl.cdiv(COUT_G, BLOCK_M)
     num_pid_n = KH * KW * num_pid_c
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     tap = pid_n // num_pid_c
     kh = tap // KW
     kw = tap % KW
