@@ -1,4 +1,4 @@
-"""Kernel benchmark of the GPU backends ("aten", "triton", "cuda") against cuDNN (GPU only).
+"""Kernel benchmark of the GPU backends ("aten", "triton", "cudnn") against cuDNN (GPU only).
 
 For the convolution shapes of VGG7-64 (CIFAR 32x32, batch 256), ResNet-18 (CIFAR, batch 256) and
 VGG16-64 (224x224, batch 64), in float32 (IEEE), TF32 and bfloat16 channels-last, it times with
@@ -7,11 +7,11 @@ VGG16-64 (224x224, batch 64), in float32 (IEEE), TF32 and bfloat16 channels-last
 - ``forward``: nn.Conv2d's convolution (cuDNN) vs the partitioned convolution of each backend;
 - ``input_grad``: cuDNN's full input gradient (what DSN computes) vs the shared-channels-only input
   gradient op of each backend (beta = 0.5; the referenced channels' zeros included). "aten" computes
-  it into a tensor of its own and assembles; "cuda" has cuDNN write it in place; "triton" is its kernel;
+  it into a tensor of its own and assembles; "cudnn" has cuDNN write it in place; "triton" is its kernel;
 - ``weight_grad``: cuDNN's weight gradient vs each backend's, through autograd with only the weight and
-  bias requiring gradients ("aten" and "cuda" use cuDNN's, so they measure the autograd overhead);
+  bias requiring gradients ("aten" and "cudnn" use cuDNN's, so they measure the autograd overhead);
 - ``stage`` (split-point shapes: stride 1, as at every VGG split point): forward + backward of a
-  convolution and an exit's pooled read of the same input: composed (aten), fused (triton, cuda).
+  convolution and an exit's pooled read of the same input: composed (aten), fused (triton, cudnn).
 
 Each backend's result is checked against cuDNN's (max abs error, relative to the output's max).
 
@@ -118,19 +118,17 @@ def bench_shape(shape, mode: str, backends: list[str], quick: bool) -> list[dict
     expected_dx = cudnn_input_grad()
     expected_dw, expected_db = cudnn_weight_grad()[1:]
     conv_lists = (list(conv["stride"]), list(conv["padding"]), [1, 1], 1)
-    input_grad_ops = {
-        "aten": lambda: torch.ops.dfs_kernels.partitioned_conv2d_input_grad(dy, x, w, *conv_lists, cp),
-        "cuda": lambda: torch.ops.dfs_kernels.cuda_partitioned_conv2d_input_grad(dy, x, w, *conv_lists, cp),
-        "triton": lambda: torch.ops.dfs_kernels.triton_partitioned_conv2d_input_grad(
-            dy, w, list(x.shape), channels_last, *conv_lists, cp, tf32, None),
-    }
     wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
     for backend in backends:
+        # Every backend's input-gradient op has the same schema, under its prefix (dfs_kernels.ops).
+        input_grad = getattr(torch.ops.dfs_kernels,
+                             dfs_kernels.backends.implementation(backend, "cuda").conv_prefix + "partitioned_conv2d_input_grad")
+
         def forward():
             return functional.partitioned_conv2d(x, w, b, **conv, shared_channels=cp, backend=backend)
 
         record("forward", backend, timed(forward), _max_rel_error(forward(), y))
-        op = input_grad_ops[backend]
+        op = lambda: input_grad(dy, x, w, *conv_lists, cp)  # noqa: E731
         record("input_grad", f"{backend}-shared", timed(op), _max_rel_error(op()[:, :cp], expected_dx[:, :cp]))
         out = functional.partitioned_conv2d(x, wg, bg, **conv, shared_channels=cp, backend=backend)
         op = lambda: torch.autograd.grad(out, (wg, bg), dy, retain_graph=True)  # noqa: E731
@@ -167,8 +165,8 @@ def main(argv=None) -> int:
 
     import dfs_kernels
 
-    backends = [name for name in ("aten", "triton", "cuda") if name in dfs_kernels.available_backends("cuda")]
-    for name in ("aten", "cuda"):
+    backends = [name for name in ("aten", "triton", "cudnn") if name in dfs_kernels.available_backends("cuda")]
+    for name in ("aten", "cudnn"):
         if name not in backends:
             print(f"bench_triton_kernels: {name} backend unavailable: {dfs_kernels.unavailable_reason(name, 'cuda')}")
     rows = []

@@ -1,6 +1,6 @@
 // Plain descriptions of the channel-assembly work, shared by the CPU kernels and the CUDA kernels.
 // This header includes nothing from torch so that the .cu files can be compiled by nvcc alone
-// (the CPU torch wheel lacks the CUDA parts of its headers; see DESIGN.md §4).
+// (the CPU torch wheel lacks the CUDA parts of its headers, so CI compiles the kernels without torch).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The partitioned convolution's pieces shared by the "aten" ops (partitioned_conv2d.cpp) and the "cuda"
+// The partitioned convolution's pieces shared by the "aten" ops (partitioned_conv2d.cpp) and the "cudnn"
 // backend's ops (cuda/partitioned_conv2d_cuda.cpp): the same forward, the same argument checks, and the
 // same decomposition of the shared channels' input gradient into convolutions over whole channel runs.
 #pragma once

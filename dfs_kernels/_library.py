@@ -82,7 +82,7 @@ def has_kernels_for(device_type: str) -> bool:
     return device_type in KERNEL_DEVICE_TYPES
 
 
-# The "cuda" backend's ops have CUDA kernels only in a CUDA build where cuDNN was found (CMakeLists.txt).
-CUDA_BACKEND_BUILT = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
-    f"{NAMESPACE}::cuda_partitioned_conv2d_input_grad", "CUDA"
+# The "cudnn" backend's ops have CUDA kernels only in a CUDA build where cuDNN was found (CMakeLists.txt).
+CUDNN_BACKEND_BUILT = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+    f"{NAMESPACE}::cudnn_partitioned_conv2d_input_grad", "CUDA"
 )

@@ -1,8 +1,12 @@
-"""The DFS ops as functions. Each validates its arguments, resolves ``backend`` and calls that
-backend's implementation (see ``dfs_kernels.backends``).
+"""The DFS ops as functions. Each validates its arguments, resolves ``backend`` once and calls that
+backend's ops (see ``dfs_kernels.backends`` and ``dfs_kernels.ops``).
 
-Notation (DESIGN.md §1): for a feature map x [N, C, H, W] and Cp = ``shared_channels``,
+Notation (docs/semantics.md): for a feature map x [N, C, H, W] and Cp = ``shared_channels``,
 ``x+ = x[:, :Cp]`` (shared), ``x- = x[:, Cp:]`` (referenced), ``sg`` = stop-gradient.
+
+Under ``torch.func`` transforms (``grad``, ``jacrev``, ``jacfwd``, ``vmap``, ``jvp``) and forward-mode
+AD, every backend computes with the differentiable ATen formulation of ``dfs_kernels.reference``: the
+same values, tangents and (per-sample) gradients, without the fused kernels.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from torch.autograd import forward_ad
+
 from . import backends
 from ._validation import check_feature_map, check_matches, check_shared_channels
 
-__all__ = ["exit_avg_pool", "exit_reference", "partitioned_conv2d", "reroute"]
+__all__ = [
+    "exit_avg_pool", "exit_reference", "partitioned_conv2d", "partitioned_conv2d_with_exit_pool", "reroute",
+]
 
 
 def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
@@ -64,6 +72,16 @@ def _autocast(input, weight, bias):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _ops(backend: str, device: torch.device):
+    """The ops a call runs: the resolved backend's (an unavailable explicit backend raises), or the
+    reference formulation under function transforms and forward-mode AD, which the registered ops
+    and their autograd formulas do not support."""
+    resolved = backends.implementation(backend, device)
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return backends.implementation("reference", device)
+    return resolved
 
 
 def _numeric_padding(input, weight, padding, stride, dilation):
@@ -121,11 +139,10 @@ def partitioned_conv2d(
         input, weight, bias, stride, dilation, groups, shared_channels
     )
 
-    name = backends.resolve_backend(backend, input.device)
-    implementation = backends.implementation(name, input.device)
-    if name != "reference":  # the oracle keeps torch's own handling of string padding
+    ops = _ops(backend, input.device)
+    if ops.name != "reference":  # the oracle keeps torch's own handling of string padding
         input, padding = _numeric_padding(input, weight, padding, stride, dilation)
-    output = implementation.partitioned_conv2d(
+    output = ops.partitioned_conv2d(
         input, weight, bias, stride, padding, dilation, int(groups), int(shared_channels)
     )
     return output.squeeze(0) if unbatched else output
@@ -142,21 +159,21 @@ def reroute(
     """
     check_feature_map(x, "x")
     check_shared_channels(shared_channels, x.shape[1])
-    return backends.implementation(backend, x.device).reroute(x, int(shared_channels))
+    return _ops(backend, x.device).reroute(x, int(shared_channels))
 
 
 def exit_reference(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
     """``[sg(x+), x-]``: the forward is ``x``; the gradient reaches only channels [Cp:]. x: [N, C, H, W]."""
     check_feature_map(x, "x")
     check_shared_channels(shared_channels, x.shape[1])
-    return backends.implementation(backend, x.device).exit_reference(x, int(shared_channels))
+    return _ops(backend, x.device).exit_reference(x, int(shared_channels))
 
 
 def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
     """``mean([sg(x+), x-], dim=(2, 3))``, the pooled read of an exit. [N, C, H, W] -> [N, C]."""
     check_feature_map(x, "x")
     check_shared_channels(shared_channels, x.shape[1])
-    return backends.implementation(backend, x.device).exit_avg_pool(x, int(shared_channels))
+    return _ops(backend, x.device).exit_avg_pool(x, int(shared_channels))
 
 
 def partitioned_conv2d_with_exit_pool(
@@ -182,7 +199,7 @@ def partitioned_conv2d_with_exit_pool(
     Returns:
         (conv [N, C_out, H_out, W_out], pooled [N, C_in]). In the backward, dL/dx+ comes from the
         convolution only and dL/dx- from the exit only, written into their channel ranges of one
-        tensor with no zero-fill and no add ("aten" and "triton"). The "triton" backend also
+        tensor with no zero-fill and no add (every backend but "reference"). The "triton" backend also
         computes both outputs from one read of x when the convolution has a tap that reads every
         pixel once (stride 1, output of the input's size).
     """
@@ -190,18 +207,16 @@ def partitioned_conv2d_with_exit_pool(
         input, weight, bias, stride, dilation, groups, shared_channels
     )
 
-    name = backends.resolve_backend(backend, input.device)
-    implementation = backends.implementation(name, input.device)
+    ops = _ops(backend, input.device)
     cp = int(shared_channels)
-    if name == "reference":  # the oracle keeps torch's own handling of string padding
-        return implementation.partitioned_conv2d_with_exit_pool(
+    if ops.name == "reference":  # the oracle keeps torch's own handling of string padding
+        return ops.partitioned_conv2d_with_exit_pool(
             input, weight, bias, stride, padding, dilation, int(groups), cp
         )
     padded, padding = _numeric_padding(input, weight, padding, stride, dilation)
     if padded is not input:  # "same" with an extra row/column: the exit must pool x, not the padded x
-        output = implementation.partitioned_conv2d(padded, weight, bias, stride, padding, dilation, int(groups), cp)
-        return output, implementation.exit_avg_pool(input, cp)
-    return implementation.partitioned_conv2d_with_exit_pool(
+        output = ops.partitioned_conv2d(padded, weight, bias, stride, padding, dilation, int(groups), cp)
+        return output, ops.exit_avg_pool(input, cp)
+    return ops.partitioned_conv2d_with_exit_pool(
         input, weight, bias, stride, padding, dilation, int(groups), cp
     )
-__all__ += ["partitioned_conv2d_with_exit_pool"]

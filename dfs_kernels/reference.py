@@ -1,7 +1,7 @@
 """The literal eager formulation of Deep Feature Surgery: the oracle every backend is tested against.
 
 Each function is written the way the original research code does it (split, detach, separate
-convolutions, add, cat), trading speed for being obviously right. Notation (DESIGN.md §1):
+convolutions, add, cat), trading speed for being obviously right. Notation (docs/semantics.md):
 ``x+ = x[:, :Cp]`` are the shared channels, ``x- = x[:, Cp:]`` the referenced ones, ``sg`` is
 ``detach``.
 """

@@ -100,3 +100,113 @@ def loss_and_grads(model, x, forward=None):
     loss = sum(out.square().mean() for out in (model if forward is None else forward)(x))
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# --- the convolution grids ------------------------------------------------------------------------
+
+CONV_GRID = {
+    "k1": Conv(6, 5, 1, size=(7, 5)),
+    "k3-batch1": Conv(6, 4, 3, padding=1, bias=False, batch=1),
+    "k5-stride2": Conv(5, 6, 5, stride=2, padding=2, size=(11, 9)),
+    "k7": Conv(4, 4, 7, padding=3, size=(9, 8)),
+    "k3x5-nonsquare": Conv(6, 5, (3, 5), stride=(2, 1), padding=(1, 2), size=(9, 10)),
+    "same-dilation2": Conv(6, 4, 3, padding="same", dilation=2),
+    "same-even-kernel": Conv(6, 4, (2, 4), padding="same", bias=False),
+    "valid-stride2": Conv(6, 4, 3, stride=2, padding="valid"),
+    "stride2-dilation2": Conv(7, 3, 3, stride=2, dilation=2, size=(13, 11)),
+    "groups2": Conv(8, 6, 3, padding=1, groups=2),
+    "groups4-stride2": Conv(8, 8, 3, stride=2, padding=1, groups=4, bias=False),
+    "depthwise": Conv(6, 6, 3, padding=1, groups=6),
+    "depthwise-x2-dilation2": Conv(4, 8, 3, padding=2, dilation=2, groups=4),
+}
+"""The full grid, for backends that run at native speed."""
+
+LEAN_CONV_GRID = {
+    "k3": Conv(6, 5, 3, padding=1),
+    "k1-stride2": Conv(5, 4, 1, stride=2, size=(7, 6), bias=False),
+    "k5-stride2": Conv(5, 6, 5, stride=2, padding=2, size=(11, 9)),
+    "k3x5-stride2x1": Conv(6, 5, (3, 5), stride=(2, 1), padding=(1, 2)),
+    "stride2-dilation2": Conv(7, 3, 3, stride=2, dilation=2, size=(13, 11)),
+    "groups2": Conv(8, 6, 3, padding=1, groups=2, batch=1),
+    "depthwise-same": Conv(6, 6, 3, padding="same", groups=6, bias=False, size=(5, 4)),
+    # More channels than one 16-wide tile: several channel tiles and K blocks, a tile straddling Cp.
+    "wide": Conv(20, 18, 3, padding=1, size=(5, 4)),
+}
+"""A lean grid for the Triton interpreter, which runs every program in Python."""
+
+
+def boundary_shared_counts(conv: Conv) -> list[int]:
+    """Cp in {0, 1, C_in - 1, C_in}, plus one that cuts a group."""
+    c = conv.in_channels
+    counts = {0, 1, c - 1, c}
+    if conv.groups > 1:
+        counts.add(c // conv.groups + 1)
+    return sorted(counts)
+
+
+def check_conv(backend: str, conv: Conv, cp: int, layout: str, dtype: torch.dtype, device="cpu", tol=None):
+    """partitioned_conv2d on ``backend`` against the reference: output and every gradient."""
+    from dfs_kernels import functional, reference
+
+    leaves = conv_leaves(conv, layout, dtype, device)
+    view = view_of(layout)
+
+    def actual(base, weight, bias=None):
+        return functional.partitioned_conv2d(view(base), weight, bias, **conv.conv_args(), shared_channels=cp,
+                                             backend=backend)
+
+    def expected(base, weight, bias=None):
+        return reference.partitioned_conv2d(view(base), weight, bias, **conv.conv_args(), shared_channels=cp)
+
+    compare_backward(actual, expected, leaves, dtype=tol or dtype, names=["input", "weight", "bias"])
+
+
+# --- registered ops -------------------------------------------------------------------------------
+
+OP_PREFIXES = {"aten": ("", ""), "cudnn": ("cudnn_", None), "triton": ("triton_", "triton_")}
+"""Backend -> (prefix of its partitioned-convolution ops, prefix of its exit-pooling and channel ops,
+or None where it uses those of "aten")."""
+
+
+def opcheck_cases(backend: str, device="cpu", dtype=torch.float32) -> list[tuple[str, tuple]]:
+    """(op name, arguments) covering every registered op of ``backend``: odd shapes, NCHW and NHWC,
+    groups, stride and dilation, Cp at 0, in the middle and cutting a group, the exit's gradient."""
+    conv, glue = OP_PREFIXES[backend]
+
+    def t(*shape, cl=False, grad=False):
+        x = torch.randn(*shape, device=device, dtype=dtype)
+        return (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_(grad)
+
+    x, x_cl, w, w_grouped = t(2, 6, 5, 4), t(2, 6, 5, 4, cl=True), t(4, 6, 3, 3), t(4, 3, 3, 3)
+    grad_out = t(2, 4, 5, 4)
+    leaf = lambda tensor: tensor.clone().requires_grad_()  # noqa: E731
+    cases = [
+        (f"{conv}partitioned_conv2d", (leaf(x), leaf(w), t(4, grad=True), [1, 1], [1, 1], [1, 1], 1, 2)),
+        (f"{conv}partitioned_conv2d", (leaf(x_cl), leaf(w_grouped), None, [2, 1], [1, 2], [1, 2], 2, 4)),
+        (f"{conv}partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 3)),
+        (f"{conv}partitioned_conv2d_input_grad", (grad_out, x_cl, w_grouped, [1, 1], [1, 1], [1, 1], 2, 4)),
+        (f"{conv}partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 0)),
+        (f"{conv}partitioned_conv2d_input_grad", (t(2, 4, 3, 2), x_cl, w_grouped, [2, 2], [1, 1], [1, 1], 2, 4,
+                                                  t(2, 6))),
+        (f"{conv}partitioned_conv2d_input_grad", (grad_out, x, w_grouped, [1, 1], [1, 1], [1, 1], 2, 0, t(2, 6))),
+        (f"{conv}partitioned_conv2d_with_exit_pool", (leaf(x), leaf(w), t(4, grad=True), [1, 1], [1, 1], [1, 1], 1, 2)),
+        (f"{conv}partitioned_conv2d_with_exit_pool", (leaf(x_cl), leaf(w_grouped), None, [1, 1], [1, 1], [1, 1], 2, 5)),
+    ]
+    if glue is not None:
+        cases += [
+            (f"{glue}exit_avg_pool", (leaf(x), 2)),
+            (f"{glue}exit_avg_pool", (leaf(x_cl), 0)),
+            (f"{glue}exit_avg_pool_backward", (t(2, 6), [2, 6, 5, 4], 2, False)),
+            (f"{glue}exit_avg_pool_backward", (t(6, 2).t(), [2, 6, 5, 4], 5, True)),
+            (f"{glue}merge_channels", (x, x_cl, 2)),
+            (f"{glue}merge_channels", (None, x, 4)),
+            (f"{glue}merge_channels", (x_cl, None, 6)),
+        ]
+    if backend == "aten":
+        cases += [
+            ("pad_channels", ([t(2, 2, 5, 4), t(2, 1, 5, 4)], 6)),
+            ("pad_channels", ([x_cl[:, :3]], 6)),
+        ]
+    if backend == "triton":
+        cases.append(("triton_conv2d_weight_grad", (grad_out, x_cl, w, [1, 1], [1, 1], [1, 1], 1, True)))
+    return cases

@@ -1,5 +1,5 @@
 """torch.compile and CUDA-graph capture of a model using every DFS op, for each GPU kernel backend
-("triton", "cuda"); skipped where the backend cannot run on CUDA."""
+("triton", "cudnn"); skipped where the backend cannot run on CUDA."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dfs_kernels
 from dfs_kernels import functional
 from helpers import loss_and_grads
 
-GPU_BACKENDS = ("triton", "cuda")
+GPU_BACKENDS = ("triton", "cudnn")
 
 
 def backend_or_skip(backend: str) -> None:

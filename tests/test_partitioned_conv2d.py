@@ -10,24 +10,10 @@ import torch
 import dfs_kernels
 from dfs_kernels import functional, reference
 from dfs_kernels.testing import assert_close
-from helpers import LAYOUTS, Conv, compare_backward, conv_leaves, feature_map, view_of
+from helpers import CONV_GRID, LAYOUTS, check_conv, compare_backward, conv_leaves, feature_map, view_of
 
 
-CONVS = {
-    "k1": Conv(6, 5, 1, size=(7, 5)),
-    "k3-batch1": Conv(6, 4, 3, padding=1, bias=False, batch=1),
-    "k5-stride2": Conv(5, 6, 5, stride=2, padding=2, size=(11, 9)),
-    "k7": Conv(4, 4, 7, padding=3, size=(9, 8)),
-    "k3x5-nonsquare": Conv(6, 5, (3, 5), stride=(2, 1), padding=(1, 2), size=(9, 10)),
-    "same-dilation2": Conv(6, 4, 3, padding="same", dilation=2),
-    "same-even-kernel": Conv(6, 4, (2, 4), padding="same", bias=False),
-    "valid-stride2": Conv(6, 4, 3, stride=2, padding="valid"),
-    "stride2-dilation2": Conv(7, 3, 3, stride=2, dilation=2, size=(13, 11)),
-    "groups2": Conv(8, 6, 3, padding=1, groups=2),
-    "groups4-stride2": Conv(8, 8, 3, stride=2, padding=1, groups=4, bias=False),
-    "depthwise": Conv(6, 6, 3, padding=1, groups=6),
-    "depthwise-x2-dilation2": Conv(4, 8, 3, padding=2, dilation=2, groups=4),
-}
+CONVS = CONV_GRID
 
 CASES = [
     pytest.param(conv, cp, id=f"{name}-cp{cp}")
@@ -36,26 +22,12 @@ CASES = [
 ]
 
 
-def check_backend(backend: str, conv: Conv, cp: int, layout: str, dtype: torch.dtype, device="cpu", tol=None):
-    leaves = conv_leaves(conv, layout, dtype, device)
-    view = view_of(layout)
-    args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-
-    def actual(base, weight, bias=None):
-        return functional.partitioned_conv2d(view(base), weight, bias, **args, shared_channels=cp, backend=backend)
-
-    def expected(base, weight, bias=None):
-        return reference.partitioned_conv2d(view(base), weight, bias, **args, shared_channels=cp)
-
-    compare_backward(actual, expected, leaves, dtype=tol or dtype, names=["input", "weight", "bias"])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("conv, cp", CASES)
 @pytest.mark.parametrize("backend", dfs_kernels.available_backends("cpu"))
 def test_matches_reference_cpu(backend, conv, cp, layout, dtype):
-    check_backend(backend, conv, cp, layout, dtype)
+    check_conv(backend, conv, cp, layout, dtype)
 
 
 @pytest.mark.cuda
@@ -68,7 +40,7 @@ def test_matches_reference_cuda(backend, conv, cp, layout, dtype):
         pytest.skip(dfs_kernels.unavailable_reason(backend, "cuda"))
     # cuDNN may run float32 convolutions on TF32 tensor cores.
     tol = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else dtype
-    check_backend(backend, conv, cp, layout, dtype, device="cuda", tol=tol)
+    check_conv(backend, conv, cp, layout, dtype, device="cuda", tol=tol)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])

@@ -79,7 +79,7 @@ def test_conv_arguments():
 
 @pytest.mark.parametrize("backend", ["fast", "", None, "AUTO"])
 def test_unknown_backend(backend):
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['reference', 'aten', 'triton', 'cuda'\]"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['reference', 'aten', 'triton', 'cudnn'\]"):
         functional.partitioned_conv2d(X, W, shared_channels=3, backend=backend)
     with pytest.raises(ValueError, match="backend must be"):
         PartitionedConv2d(6, 4, 3, backend=backend)

@@ -22,7 +22,7 @@
 #include <cudnn.h>
 
 #if CUDNN_MAJOR < 9
-#error "the cuda backend needs cuDNN 9 or newer (its status categories tell unsupported problems from errors)"
+#error "the cudnn backend needs cuDNN 9 or newer (its status categories tell unsupported problems from errors)"
 #endif
 
 namespace dfs_kernels::cuda {
@@ -69,7 +69,7 @@ cudnnDataType_t cudnn_data_type(at::ScalarType dtype) {
     case at::kBFloat16:
       return CUDNN_DATA_BFLOAT16;
     default:
-      TORCH_CHECK(false, "dfs_kernels: the cuda backend supports float32, float64, float16 and bfloat16, got ", dtype);
+      TORCH_CHECK(false, "dfs_kernels: the cudnn backend supports float32, float64, float16 and bfloat16, got ", dtype);
   }
 }
 

@@ -1,5 +1,5 @@
 // A convolution's input gradient written by cuDNN straight into a strided view, such as the channel
-// slice grad_input[:, a:b] of a larger gradient tensor: the "cuda" backend's way of producing the shared
+// slice grad_input[:, a:b] of a larger gradient tensor: the "cudnn" backend's way of producing the shared
 // channels' gradient inside the full-size gradient with no temporary and no copy.
 #pragma once
 

@@ -1,4 +1,4 @@
-// The "cuda" backend's partitioned convolution (dfs_kernels::cuda_* ops). The forward and the weight
+// The "cudnn" backend's partitioned convolution (dfs_kernels::cudnn_* ops). The forward and the weight
 // gradient are ATen's, that is cuDNN's. The input gradient differs from the "aten" backend's: cuDNN writes
 // the shared channels' gradient straight into channels [0, Cp) of the full-size gradient tensor
 // (cudnn_input_grad.cpp) and one kernel of ours writes channels [Cp, C) (zeros, or the exit's pooled
@@ -20,7 +20,7 @@
 namespace dfs_kernels {
 namespace {
 
-constexpr const char* kInputGradOp = "cuda_partitioned_conv2d_input_grad";
+constexpr const char* kInputGradOp = "cudnn_partitioned_conv2d_input_grad";
 
 void check_on_device(const at::Tensor& t, const at::Device& device, const char* name) {
   TORCH_CHECK(t.device() == device, kInputGradOp, ": ", name, " must be on ", device, " like input, got ",
@@ -92,12 +92,12 @@ at::Tensor partitioned_conv2d_input_grad_cuda(
 
 }  // namespace
 
-// The forward ops are the "aten" ones under the cuda backend's names: their registered autograd formulas
+// The forward ops are the "aten" ones under the cudnn backend's names: their registered autograd formulas
 // (dfs_kernels/backends/cuda.py) are what route the backward to the kernels above.
 TORCH_LIBRARY_IMPL(dfs_kernels, CUDA, m) {
-  m.impl("cuda_partitioned_conv2d", TORCH_FN(partitioned_conv2d));
-  m.impl("cuda_partitioned_conv2d_with_exit_pool", TORCH_FN(partitioned_conv2d_with_exit_pool));
-  m.impl("cuda_partitioned_conv2d_input_grad", TORCH_FN(partitioned_conv2d_input_grad_cuda));
+  m.impl("cudnn_partitioned_conv2d", TORCH_FN(partitioned_conv2d));
+  m.impl("cudnn_partitioned_conv2d_with_exit_pool", TORCH_FN(partitioned_conv2d_with_exit_pool));
+  m.impl("cudnn_partitioned_conv2d_input_grad", TORCH_FN(partitioned_conv2d_input_grad_cuda));
 }
 
 }  // namespace dfs_kernels

@@ -1,5 +1,5 @@
 """``backend="auto"`` by measurement, where several backends can run a call (CUDA, with those of
-"aten", "cuda" and "triton" that are available): per call key (op, device, dtype, memory format,
+"aten", "cudnn" and "triton" that are available): per call key (op, device, dtype, memory format,
 shapes, arguments, which inputs need gradients) the candidates are timed once on clones of the
 arguments (forward, plus backward when an input needs a gradient) and the fastest is used from then
 on. The choices are cached for the process (``auto_choices()`` shows them) and, when ``DFS_KERNELS_AUTOTUNE_CACHE`` names a JSON file, on disk.
@@ -141,6 +141,8 @@ class MeasuredAuto:
     ``torch.compile`` nothing is measured: a key not yet measured in eager mode uses the first
     candidate ("aten").
     """
+
+    name = "auto"
 
     def __init__(self, candidates: list[str] | None = None, *, device_type: str = "cuda",
                  timer: Callable[[Callable[[], None], torch.device], float] | None = None,

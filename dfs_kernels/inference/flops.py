@@ -8,7 +8,7 @@ so the average cost of a run is the mean of its samples' exit costs. The numbers
 
 FlopCounterMode counts convolutions and matrix products, 2 FLOPs per multiply-add (the literature's
 "FLOPs" are multiply-adds, half these). The package registers formulas for its compiled ops ("aten" and
-"cuda" backends), but a Triton kernel is invisible to it, and which backend ``"auto"`` picks depends on
+"cudnn" backends), but a Triton kernel is invisible to it, and which backend ``"auto"`` picks depends on
 the device. So counting takes a model without ``PartitionedConv2d``: the "dsn" flavour, whose forward
 is the same computation as the DFS flavours' (one state_dict loads into all three).
 """

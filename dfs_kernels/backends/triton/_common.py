@@ -59,6 +59,19 @@ def configs(gpu: list[tuple[dict, int, int]], interpreter: dict) -> list[triton.
     return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in gpu]
 
 
+def accumulator_dtype(dtype: torch.dtype):
+    """The kernels' accumulator type (a ``tl.constexpr`` argument): float64 for float64 operands
+    (interpreter only, for gradcheck), float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def allow_tf32() -> bool:
+    """Whether float32 dots may run in TF32, read at each launch: opted into as for matmuls, through
+    ``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision("high")``
+    (``torch.compile`` guards on it)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """``input_precision`` of ``tl.dot``: float32 operands run in IEEE float32 unless TF32 was opted
     into (``torch.backends.cuda.matmul.allow_tf32``); half-precision operands ignore it."""

@@ -1,6 +1,6 @@
 """Forward of the partitioned convolution: an implicit-GEMM convolution over every input channel.
 
-DFS changes only the backward (DESIGN.md §1): the forward of ``conv([x+, sg(x-)], W)`` is
+DFS changes only the backward (docs/semantics.md): the forward of ``conv([x+, sg(x-)], W)`` is
 ``conv(x, W) + b``, so the shared and referenced channels go through one reduction.
 
 GEMM view, per group g: ``Y[m, co] = sum_k A[m, k] * B[k, co] + bias[co]`` with
@@ -9,8 +9,8 @@ k = (kh, kw, c) a tap and an input channel of the group (K = kH * kW * C_in / gr
 materialized (no im2col): each tile of A is gathered from x, padding read as zeros.
 
 Registered as ``dfs_kernels::triton_partitioned_conv2d`` (a ``torch.library.triton_op``, so
-``torch.compile`` sees the kernels); its autograd formula calls the input-gradient (shared
-channels only) and weight-gradient ops of this package.
+``torch.compile`` sees the kernels), with the schema of ``dfs_kernels::partitioned_conv2d``; its fake
+and autograd formula are those of every backend (``dfs_kernels.ops.partitioned_conv2d``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def _conv_forward_kernel(
     HAS_BIAS: tl.constexpr,
     POOL: tl.constexpr,  # also sum x over H, W into pool_ptr (fused exit pooling)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile of pixels, C_out, C_in
     GROUP_M: tl.constexpr,  # pixel tiles visited together, so their weight tiles stay in L2
 ):
@@ -81,7 +82,7 @@ def _conv_forward_kernel(
     co = group * COUT_G + offs_n
     w_co = co * swo  # [BLOCK_N]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     # One flat loop over (tap, channel block) rather than two nested ones: the compiler pipelines
     # the innermost loop only, and C_in / BLOCK_K is often just 1 or 2.
     num_kb = tl.cdiv(CIN_G, BLOCK_K)
@@ -106,7 +107,7 @@ def _conv_forward_kernel(
             # global sums come from the tile already in registers (one read of x for both). Only
             # the first column tile of each group adds them, so each element is added once.
             if (tap == POOL_TAP) & (pid_n == 0):
-                a32 = a.to(tl.float32)
+                a32 = a.to(ACC_DTYPE)
                 first_image = (pid_m * BLOCK_M) // hw_out
                 last_image = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // hw_out
                 # A tile spans one image or a few (small maps): one partial sum per image.
@@ -115,7 +116,7 @@ def _conv_forward_kernel(
                     tl.atomic_add(pool_ptr + image * C_IN + group * CIN_G + offs_k, part, mask=mask_k)
 
     if HAS_BIAS:  # fused: no separate pass over the output
-        acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     store_tile(y_ptr, n.to(tl.int64) * syn + oh * syh + ow * syw, co * syc, mask_m, mask_n,
                acc.to(y_ptr.dtype.element_ty), Y_PIXELS_CONTIGUOUS)
 
@@ -178,7 +179,8 @@ def conv2d_forward(
     tap = pool_tap(input.shape, weight.shape, stride, padding, dilation) if pool else None
     if pool and tap is None:
         raise ValueError("conv2d_forward: this convolution does not read every pixel once at one tap")
-    sums = torch.zeros((n, c_in), dtype=torch.float32, device=input.device) if pool else None
+    sums_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    sums = torch.zeros((n, c_in), dtype=sums_dtype, device=input.device) if pool else None
     cout_g = c_out // groups
     h_out, w_out = shape[2], shape[3]
     pixels = n * h_out * w_out
@@ -199,12 +201,9 @@ def conv2d_forward(
         Y_PIXELS_CONTIGUOUS=_common.pixels_contiguous(out), W_CHANNELS_CONTIGUOUS=weight.stride(1) == 1,
         HAS_BIAS=bias is not None, POOL=pool,
         DOT_PRECISION=_common.dot_precision(input.dtype, allow_tf32),
+        ACC_DTYPE=_common.accumulator_dtype(input.dtype),
     )
     return out, sums
-
-
-# ---------------------------------------------------------------------------------------------
-# The registered op, its fake and its autograd formula.
 
 
 @triton_op("dfs_kernels::triton_partitioned_conv2d", mutates_args={})
@@ -217,56 +216,8 @@ def triton_partitioned_conv2d(
     dilation: list[int],
     groups: int,
     shared_channels: int,
-    allow_tf32: bool,
 ) -> torch.Tensor:
     """conv2d(input, weight, bias) over every input channel; the backward's input gradient covers
-    channels [0, shared_channels) only. input [N, C_in, H, W] -> [N, C_out, H_out, W_out]."""
-    return conv2d_forward(input, weight, bias, stride, padding, dilation, groups, allow_tf32)[0]
-
-
-@triton_partitioned_conv2d.register_fake
-def _fake(input, weight, bias, stride, padding, dilation, groups, shared_channels, allow_tf32):
-    # Explicit (triton_op would trace the kernels): the same shape and layout as the real op.
-    shape = output_shape(input.shape, weight.shape, stride, padding, dilation)
-    return _common.empty_feature_map(shape, like=input, channels_last=_common.is_channels_last(input))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, stride, padding, dilation, groups, shared_channels, allow_tf32 = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.shared_channels = shared_channels
-    ctx.allow_tf32 = allow_tf32
-    ctx.has_bias = bias is not None
-
-
-def conv_backward(ctx, input, weight, grad_output, grad_pooled=None):
-    """(grad_input, grad_weight, grad_bias) of a partitioned convolution: the input gradient of the
-    shared channels, written into a full-size tensor whose referenced channels the same launch fills
-    (zeros, or grad_pooled / (H * W) for the fused stage); weight and bias gradients in full."""
-    stride, padding, dilation, groups = ctx.conv_args
-    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-    needs_bias = needs_bias and ctx.has_bias
-    grad_input = grad_weight = grad_bias = None
-    if needs_input and (ctx.shared_channels > 0 or grad_pooled is not None):
-        grad_input = torch.ops.dfs_kernels.triton_partitioned_conv2d_input_grad(
-            grad_output, weight, list(input.shape), _common.is_channels_last(input), stride, padding, dilation,
-            groups, ctx.shared_channels, ctx.allow_tf32, grad_pooled,
-        )
-    if needs_weight:
-        grad_weight, bias_grad = torch.ops.dfs_kernels.triton_conv2d_weight_grad(
-            grad_output, input, weight, stride, padding, dilation, groups, needs_bias, ctx.allow_tf32
-        )
-        grad_bias = bias_grad if needs_bias else None
-    elif needs_bias:
-        grad_bias = grad_output.sum(dim=(0, 2, 3))
-    return grad_input, grad_weight, grad_bias
-
-
-def _backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    grads = conv_backward(ctx, input, weight, grad_output)
-    return (*grads, None, None, None, None, None, None)
-
-
-triton_partitioned_conv2d.register_autograd(_backward, setup_context=_setup_context)
+    channels [0, shared_channels) only. input [N, C_in, H, W] -> [N, C_out, H_out, W_out].
+    Fake and autograd: ``dfs_kernels.ops.partitioned_conv2d``."""
+    return conv2d_forward(input, weight, bias, stride, padding, dilation, groups, _common.allow_tf32())[0]

@@ -1,6 +1,6 @@
 """Input gradient of the partitioned convolution, for the shared channels only.
 
-``dL/dx+ = conv_input_grad(dL/dy, W+)`` and ``dL/dx- = 0`` (DESIGN.md §1). One launch writes the
+``dL/dx+ = conv_input_grad(dL/dy, W+)`` and ``dL/dx- = 0`` (docs/semantics.md). One launch writes the
 whole [N, C_in, H, W] gradient: the programs of shared channel tiles run the GEMM, those of
 referenced tiles only fill (zeros, or the exit's broadcast gradient in the fused DFS stage), so
 there is no separate zeros tensor, no slice copy and no GEMM work for referenced channels.
@@ -53,6 +53,7 @@ def _conv_input_grad_kernel(
     DY_PIXELS_CONTIGUOUS: tl.constexpr, DX_PIXELS_CONTIGUOUS: tl.constexpr,  # NCHW dy / dx (see load_tile)
     FILL_POOLED: tl.constexpr,  # fill [CP, C_in) with gp / (H * W) instead of zeros
     DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # pixels, C_in, C_out tiles
     GROUP_M: tl.constexpr,
 ):
@@ -91,15 +92,15 @@ def _conv_input_grad_kernel(
     if FILL_POOLED:
         fill = tl.load(
             gp_ptr + n64[:, None] * sgn + c[None, :] * sgc, mask=mask & (c >= CP)[None, :], other=0.0
-        ).to(tl.float32) * inv_hw
+        ).to(ACC_DTYPE) * inv_hw
     else:
-        fill = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        fill = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
 
     if group * CIN_G + pid_n * BLOCK_N >= CP:
         # A tile of referenced channels only: fill it, no GEMM.
         store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n, fill.to(dx_ptr.dtype.element_ty), DX_PIXELS_CONTIGUOUS)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         num_kb = tl.cdiv(COUT_G, BLOCK_K)
         for it in range(0, KH * KW * num_kb):
             tap = it // num_kb
@@ -175,6 +176,7 @@ def conv2d_input_grad(
         KH=kh, KW=kw, DY_PIXELS_CONTIGUOUS=_common.pixels_contiguous(grad_output),
         DX_PIXELS_CONTIGUOUS=_common.pixels_contiguous(grad_input), FILL_POOLED=grad_pooled is not None,
         DOT_PRECISION=_common.dot_precision(grad_output.dtype, allow_tf32),
+        ACC_DTYPE=_common.accumulator_dtype(grad_output.dtype),
     )
     return grad_input
 
@@ -182,27 +184,20 @@ def conv2d_input_grad(
 @triton_op("dfs_kernels::triton_partitioned_conv2d_input_grad", mutates_args={})
 def triton_partitioned_conv2d_input_grad(
     grad_output: torch.Tensor,
+    input: torch.Tensor,
     weight: torch.Tensor,
-    input_size: list[int],
-    channels_last: bool,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
     groups: int,
     shared_channels: int,
-    allow_tf32: bool,
-    grad_pooled: torch.Tensor | None,
+    grad_pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[N, C_in, H, W] (``input_size``, NHWC if ``channels_last``): the convolution's input gradient
-    on channels [0, shared_channels); on the rest zeros, or ``grad_pooled`` [N, C_in] / (H * W)
-    broadcast over H, W when given (the fused DFS stage)."""
+    """[N, C_in, H, W] in ``input``'s layout (``input`` is read for its shape and layout only): the
+    convolution's input gradient on channels [0, shared_channels); on the rest zeros, or
+    ``grad_pooled`` [N, C_in] / (H * W) broadcast over H, W when given (the fused DFS stage).
+    The schema, fake and autograd of every backend's ``partitioned_conv2d_input_grad``."""
     return conv2d_input_grad(
-        grad_output, weight, input_size, channels_last, stride, padding, dilation, groups, shared_channels,
-        allow_tf32, grad_pooled,
+        grad_output, weight, list(input.shape), _common.is_channels_last(input), stride, padding, dilation, groups,
+        shared_channels, _common.allow_tf32(), grad_pooled,
     )
-
-
-@triton_partitioned_conv2d_input_grad.register_fake
-def _fake(grad_output, weight, input_size, channels_last, stride, padding, dilation, groups, shared_channels,
-          allow_tf32, grad_pooled):
-    return _common.empty_feature_map(input_size, like=grad_output, channels_last=channels_last)

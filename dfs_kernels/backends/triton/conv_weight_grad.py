@@ -1,6 +1,6 @@
 """Weight (and bias) gradient of the partitioned convolution, over every input channel.
 
-DFS keeps ``dL/dW`` in full (DESIGN.md §1). GEMM view, per group:
+DFS keeps ``dL/dW`` in full (docs/semantics.md). GEMM view, per group:
 ``dW[co, (kh, kw, c)] = sum_p dY[p, co] * X[p, (kh, kw, c)]`` with co an output channel of the group,
 (kh, kw, c) a tap and an input channel, and p = (n, oh, ow) an output pixel: the reduction runs over
 N * H_out * W_out, usually far longer than the C_out x C_in*kH*kW outputs are wide. So the
@@ -55,6 +55,7 @@ def _conv_weight_grad_kernel(
     X_PIXELS_CONTIGUOUS: tl.constexpr,  # NCHW x: the rows (pixels) of its tile are contiguous
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # C_out, C_in, pixel tiles
     GROUP_M: tl.constexpr,
 ):
@@ -87,8 +88,8 @@ def _conv_weight_grad_kernel(
     pixels = N * hw_out
     k_start = split * PIXELS_PER_SPLIT
     k_end = tl.minimum(k_start + PIXELS_PER_SPLIT, pixels)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
@@ -106,7 +107,7 @@ def _conv_weight_grad_kernel(
                       X_PIXELS_CONTIGUOUS)  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            bias_acc += tl.sum(a.to(tl.float32), axis=1)
+            bias_acc += tl.sum(a.to(ACC_DTYPE), axis=1)
 
     dw = dw_ptr + split * sdws + co[:, None] * sdwo + (offs_n * sdwc)[None, :] + kh * sdwh + kw * sdww
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -144,8 +145,9 @@ def conv2d_weight_grad(
     if pixels == 0:
         return grad_weight.zero_(), grad_bias.zero_()
     if splits > 1:
-        dw = torch.empty((splits, c_out, cin_g, kh, kw), dtype=torch.float32, device=weight.device)
-        db = torch.empty((splits, c_out) if bias_grad else (0,), dtype=torch.float32, device=weight.device)
+        partial_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dw = torch.empty((splits, c_out, cin_g, kh, kw), dtype=partial_dtype, device=weight.device)
+        db = torch.empty((splits, c_out) if bias_grad else (0,), dtype=partial_dtype, device=weight.device)
         dw_strides = dw.stride()
         db_strides = db.stride() if bias_grad else (0, 0)
     else:
@@ -164,6 +166,7 @@ def conv2d_weight_grad(
         KH=kh, KW=kw, DY_CHANNELS_CONTIGUOUS=grad_output.stride(1) == 1,
         X_PIXELS_CONTIGUOUS=_common.pixels_contiguous(input), HAS_BIAS=bias_grad,
         DOT_PRECISION=_common.dot_precision(input.dtype, allow_tf32),
+        ACC_DTYPE=_common.accumulator_dtype(input.dtype),
     )
     if splits > 1:
         grad_weight.copy_(dw.sum(dim=0))
@@ -182,13 +185,24 @@ def triton_conv2d_weight_grad(
     dilation: list[int],
     groups: int,
     bias_grad: bool,
-    allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dW [C_out, C_in / groups, kH, kW] in the weight's layout, dL/db [C_out] when ``bias_grad``
     else an empty [0] tensor). ``weight`` is read for its shape, dtype and layout only."""
-    return conv2d_weight_grad(grad_output, input, weight, stride, padding, dilation, groups, bias_grad, allow_tf32)
+    return conv2d_weight_grad(
+        grad_output, input, weight, stride, padding, dilation, groups, bias_grad, _common.allow_tf32()
+    )
 
 
 @triton_conv2d_weight_grad.register_fake
-def _fake(grad_output, input, weight, stride, padding, dilation, groups, bias_grad, allow_tf32):
+def _fake(grad_output, input, weight, stride, padding, dilation, groups, bias_grad):
     return torch.empty_like(weight), weight.new_empty((weight.shape[0],) if bias_grad else (0,))
+
+
+def _no_derivative(ctx, *grads):
+    raise NotImplementedError(
+        "dfs_kernels::triton_conv2d_weight_grad has no derivative of its own: differentiate "
+        "dfs_kernels::triton_partitioned_conv2d, whose recorded backward (create_graph=True) is differentiable"
+    )
+
+
+triton_conv2d_weight_grad.register_autograd(_no_derivative)

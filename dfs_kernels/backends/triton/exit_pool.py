@@ -1,11 +1,12 @@
 """The pooled read of an exit that references ``[sg(x+), x-]``: global average pooling whose
-gradient reaches the referenced channels only (DESIGN.md §1).
+gradient reaches the referenced channels only (docs/semantics.md).
 
 Forward: mean over H, W with float32 accumulation. Backward: ``grad / (H * W)`` broadcast into
 channels [Cp, C) and zeros into [0, Cp), one launch writing every element of the gradient.
 
 Registered as ``dfs_kernels::triton_exit_avg_pool`` and
-``dfs_kernels::triton_exit_avg_pool_backward``.
+``dfs_kernels::triton_exit_avg_pool_backward``, with the schemas, fakes and autograd formulas of
+every backend's exit pooling (``dfs_kernels.ops.exit_avg_pool``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def _exit_pool_kernel(
     inv_hw,  # 1 / (H * W)
     sxn, sxc, sxh, sxw,  # strides of x
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,  # tile of pixels x channels
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 operands
 ):
     n = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     base = x_ptr + n.to(tl.int64) * sxn + offs_c * sxc  # [BLOCK_C]
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     hw = H * W
     for p0 in range(0, hw, BLOCK_HW):
         offs_p = p0 + tl.arange(0, BLOCK_HW)
@@ -54,7 +56,7 @@ def _exit_pool_kernel(
         tile = tl.load(
             base[None, :] + (h * sxh + w * sxw)[:, None], mask=mask_p[:, None] & mask_c[None, :], other=0.0
         )  # [BLOCK_HW, BLOCK_C]
-        acc += tl.sum(tile.to(tl.float32), axis=0)
+        acc += tl.sum(tile.to(ACC_DTYPE), axis=0)
     tl.store(out_ptr + n * C + offs_c, (acc * inv_hw).to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
@@ -68,6 +70,7 @@ def _exit_pool_backward_kernel(
     sgn, sgc,  # strides of gp
     sdxn, sdxc, sdxh, sdxw,  # strides of dx
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (image, pixel block), flattened: no 65535 limit on the batch
     pid_c = tl.program_id(1)
@@ -79,8 +82,8 @@ def _exit_pool_backward_kernel(
     mask_p = offs_p < hw
     mask_c = offs_c < C
     n64 = n.to(tl.int64)
-    g = tl.load(gp_ptr + n64 * sgn + offs_c * sgc, mask=mask_c & (offs_c >= CP), other=0.0).to(tl.float32)
-    tile = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32) + (g * inv_hw)[None, :]
+    g = tl.load(gp_ptr + n64 * sgn + offs_c * sgc, mask=mask_c & (offs_c >= CP), other=0.0).to(ACC_DTYPE)
+    tile = tl.zeros((BLOCK_HW, BLOCK_C), dtype=ACC_DTYPE) + (g * inv_hw)[None, :]
     h = offs_p // W
     w = offs_p % W
     dx = dx_ptr + n64 * sdxn + offs_c[None, :] * sdxc + (h * sdxh + w * sdxw)[:, None]
@@ -104,7 +107,9 @@ def exit_pool_forward(x: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return (n, triton.cdiv(c, meta["BLOCK_C"]))
 
-    wrap_triton(_exit_pool)[grid](x, out, c, h, w, 1.0 / (h * w), *x.stride())
+    wrap_triton(_exit_pool)[grid](
+        x, out, c, h, w, 1.0 / (h * w), *x.stride(), ACC_DTYPE=_common.accumulator_dtype(x.dtype)
+    )
     return out
 
 
@@ -118,7 +123,8 @@ def exit_pool_backward(grad_pooled: torch.Tensor, input_size, shared_channels: i
         return (n * triton.cdiv(h * w, meta["BLOCK_HW"]), triton.cdiv(c, meta["BLOCK_C"]))
 
     wrap_triton(_exit_pool_backward)[grid](
-        grad_pooled, grad_input, c, h, w, shared_channels, 1.0 / (h * w), *grad_pooled.stride(), *grad_input.stride()
+        grad_pooled, grad_input, c, h, w, shared_channels, 1.0 / (h * w), *grad_pooled.stride(), *grad_input.stride(),
+        ACC_DTYPE=_common.accumulator_dtype(grad_pooled.dtype),
     )
     return grad_input
 
@@ -129,44 +135,14 @@ def triton_exit_avg_pool(input: torch.Tensor, shared_channels: int) -> torch.Ten
     return exit_pool_forward(input)
 
 
-@triton_exit_avg_pool.register_fake
-def _pool_fake(input, shared_channels):
-    return input.new_empty((input.shape[0], input.shape[1]))
-
-
-@triton_op("dfs_kernels::triton_exit_avg_pool_backward", mutates_args={})
+@triton_op(
+    "dfs_kernels::triton_exit_avg_pool_backward",
+    mutates_args={},
+    schema="(Tensor grad_pooled, SymInt[] input_size, int shared_channels, bool channels_last) -> Tensor",
+)
 def triton_exit_avg_pool_backward(
     grad_pooled: torch.Tensor, input_size: list[int], shared_channels: int, channels_last: bool
 ) -> torch.Tensor:
     """grad_pooled [N, C] / (H * W) broadcast into channels [shared_channels, C) of an
     [N, C, H, W] tensor (NHWC if ``channels_last``), zeros into [0, shared_channels)."""
     return exit_pool_backward(grad_pooled, input_size, shared_channels, channels_last)
-
-
-@triton_exit_avg_pool_backward.register_fake
-def _pool_backward_fake(grad_pooled, input_size, shared_channels, channels_last):
-    return _common.empty_feature_map(input_size, like=grad_pooled, channels_last=channels_last)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, shared_channels = inputs
-    ctx.input_size = list(input.shape)
-    ctx.channels_last = _common.is_channels_last(input)
-    ctx.shared_channels = shared_channels
-
-
-def _backward(ctx, grad_pooled):
-    if ctx.shared_channels == ctx.input_size[1]:
-        # Every channel is shared: no gradient reaches x (autograd reads None as zeros).
-        return None, None
-    grad_input = torch.ops.dfs_kernels.triton_exit_avg_pool_backward(
-        grad_pooled, ctx.input_size, ctx.shared_channels, ctx.channels_last
-    )
-    return grad_input, None
-
-
-triton_exit_avg_pool.register_autograd(_backward, setup_context=_setup_context)
-
-
-def exit_avg_pool(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
-    return torch.ops.dfs_kernels.triton_exit_avg_pool(x, shared_channels)

@@ -1,11 +1,9 @@
-"""Feature referencing: ``reroute`` (a split point's backbone view ``[x+, sg(x-)]`` and exit view
-``[sg(x+), x-]``) and ``exit_reference`` (the exit view alone), DESIGN.md §1.
+"""The gradient of a split point: ``dfs_kernels::triton_merge_channels(head, tail, split)`` writes
+channels [0, split) from ``head`` (the backbone view's gradient) and [split, C) from ``tail`` (the exit
+view's), a missing source read as zeros, in one pass.
 
-Both forwards are views of x (no copy). The gradient of x is assembled from its two sources in one
-pass: channels [0, Cp) from the backbone's gradient, [Cp, C) from the exit's, a missing source read
-as zeros (``dfs_kernels::triton_merge_channels``).
-
-The views and their autograd are shared with the other backends (``backends/_referencing.py``).
+The views themselves (``reroute``, ``exit_reference``), the fake and the autograd formula are those of
+every backend (``dfs_kernels.ops.channels``).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._referencing import referencing_ops
 from . import _common
 
 _CONFIGS = [
@@ -86,15 +83,3 @@ def triton_merge_channels(head: torch.Tensor | None, tail: torch.Tensor | None, 
         HAS_HEAD=head is not None, HAS_TAIL=tail is not None,
     )
     return out
-
-
-@triton_merge_channels.register_fake
-def _fake(head, tail, split):
-    like = head if head is not None else tail
-    torch._check(like is not None, lambda: "triton_merge_channels: at least one of head and tail must be given")
-    return _common.empty_feature_map(like.shape, like=like, channels_last=_common.is_channels_last(like))
-
-
-_ops = referencing_ops(lambda head, tail, split: torch.ops.dfs_kernels.triton_merge_channels(head, tail, split))
-reroute = _ops.reroute
-exit_reference = _ops.exit_reference

@@ -6,7 +6,7 @@ shared-only input gradient computes Cp of the Cin input channels, each costing w
 input gradient, so it counts Cp / Cin of the full convolution's FLOPs; that is the saving DFS makes.
 Exit pooling, like ATen's pooling ops, counts nothing.
 
-Registered for the compiled ops of the "aten" and "cuda" backends. The "triton" backend's ops reach a
+Registered for the partitioned-convolution ops of every backend. The "triton" backend's ops reach a
 dispatch mode as the Triton kernel launches inside them, which FlopCounterMode cannot count.
 
 When: ``torch.utils.flop_counter`` imports triton, which this package imports only when its backend

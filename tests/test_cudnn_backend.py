@@ -1,14 +1,14 @@
-"""The "cuda" backend: cuDNN writes the shared channels' input gradient in place into the full-size
+"""The "cudnn" backend: cuDNN writes the shared channels' input gradient in place into the full-size
 gradient, one kernel of ours the referenced channels' (zeros, or an exit's pooled gradient).
 
-On CPU: an explicit request for it fails with the reason, and its ops share the "aten" ops' schemas
-(they share their autograd formulas). On a GPU (``cuda`` marks; they also skip where the library was
+On CPU: an explicit request for it fails with the reason, and its backward routes the input gradient
+to its own op (traced with fake tensors). On a GPU (``cuda`` marks; they also skip where the library was
 built without the backend): the ops against a float64 run of dfs_kernels.reference over strides,
 dilations, groups cut by Cp, odd sizes and all layouts, in float32 (IEEE and TF32), float16 and
 bfloat16; that the gradient is written in place; the fallbacks (cuDNN disabled) and the cuDNN settings
-(deterministic, benchmark); opcheck; torch.compile; a training step captured in a CUDA graph; "auto"
-measuring it among the candidates. The grids of tests/test_partitioned_conv2d.py and
-tests/test_referencing.py run on it too (they take every backend in ``dfs_kernels.BACKENDS``).
+(deterministic, benchmark); "auto" measuring it among the candidates. opcheck (tests/test_opcheck.py),
+torch.compile and CUDA graphs (tests/test_cuda_capture.py) and the grids of tests/test_partitioned_conv2d.py
+and tests/test_referencing.py run on it too.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch
 
 import dfs_kernels
 from dfs_kernels import backends, functional, reference
-from helpers import LAYOUTS, Conv, compare_backward, conv_leaves, view_of
+from helpers import CONV_GRID, LAYOUTS, LEAN_CONV_GRID, Conv, boundary_shared_counts, compare_backward, conv_leaves, view_of
 
-REASON_CPU = dfs_kernels.unavailable_reason("cuda", "cpu")
+REASON_CPU = dfs_kernels.unavailable_reason("cudnn", "cpu")
 
 
 def cuda_backend_or_skip():
-    reason = dfs_kernels.unavailable_reason("cuda", "cuda")
+    reason = dfs_kernels.unavailable_reason("cudnn", "cuda")
     if reason is not None:
         pytest.skip(reason)
 
@@ -33,32 +33,23 @@ def cuda_backend_or_skip():
 
 
 def test_explicit_request_without_cuda_names_the_backend_and_the_reason():
-    assert REASON_CPU is not None and "cuda" not in dfs_kernels.available_backends("cpu")
+    assert REASON_CPU is not None and "cudnn" not in dfs_kernels.available_backends("cpu")
     x, w = torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3)
-    with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cuda' is not available on cpu") as caught:
-        functional.partitioned_conv2d(x, w, padding=1, shared_channels=2, backend="cuda")
+    with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cudnn' is not available on cpu") as caught:
+        functional.partitioned_conv2d(x, w, padding=1, shared_channels=2, backend="cudnn")
     assert REASON_CPU in str(caught.value)
-    with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cuda'"):
-        dfs_kernels.PartitionedConv2d(4, 3, 3, shared_channels=2, backend="cuda")(x)
+    with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cudnn'"):
+        dfs_kernels.PartitionedConv2d(4, 3, 3, shared_channels=2, backend="cudnn")(x)
     if not torch.cuda.is_available():
-        with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cuda' is not available on cuda"):
-            dfs_kernels.resolve_backend("cuda", "cuda")
-
-
-@pytest.mark.skipif(not dfs_kernels.extension_loaded(), reason="the compiled ops library is not loaded")
-@pytest.mark.parametrize("name", ["partitioned_conv2d", "partitioned_conv2d_with_exit_pool",
-                                  "partitioned_conv2d_input_grad"])
-def test_ops_share_the_aten_schemas(name):
-    """The two backends' ops run the same Python autograd formulas and fakes: same arguments, same returns."""
-    aten, cuda = (getattr(torch.ops.dfs_kernels, prefix + name).default._schema for prefix in ("", "cuda_"))
-    assert str(cuda).replace("cuda_", "", 1) == str(aten)
+        with pytest.raises(dfs_kernels.BackendUnavailableError, match="backend='cudnn' is not available on cuda"):
+            dfs_kernels.resolve_backend("cudnn", "cuda")
 
 
 @pytest.mark.skipif(not dfs_kernels.extension_loaded(), reason="the compiled ops library is not loaded")
 @pytest.mark.parametrize("stage", [False, True], ids=["conv", "stage"])
-def test_backward_routes_the_input_grad_to_the_cuda_op(stage):
-    """Traced with fake tensors (no kernel runs: this holds on CPU too): the backward of the cuda ops
-    computes the input gradient with cuda_partitioned_conv2d_input_grad (the exit's gradient passed to
+def test_backward_routes_the_input_grad_to_the_cudnn_op(stage):
+    """Traced with fake tensors (no kernel runs: this holds on CPU too): the backward of the cudnn ops
+    computes the input gradient with cudnn_partitioned_conv2d_input_grad (the exit's gradient passed to
     it in a stage), and asks ATen for the weight gradient only."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -68,15 +59,15 @@ def test_backward_routes_the_input_grad_to_the_cuda_op(stage):
         x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
         conv_args = (None, [1, 1], [1, 1], [1, 1], 1, 3)
         if stage:
-            outputs = ops.cuda_partitioned_conv2d_with_exit_pool(x, w, *conv_args)
+            outputs = ops.cudnn_partitioned_conv2d_with_exit_pool(x, w, *conv_args)
             return torch.autograd.grad(outputs, (x, w), (grad_out, grad_pooled))
-        return torch.autograd.grad(ops.cuda_partitioned_conv2d(x, w, *conv_args), (x, w), grad_out)
+        return torch.autograd.grad(ops.cudnn_partitioned_conv2d(x, w, *conv_args), (x, w), grad_out)
 
     graph = make_fx(step, tracing_mode="fake")(
         torch.randn(2, 6, 5, 4), torch.randn(4, 6, 3, 3), torch.randn(2, 4, 5, 4), torch.randn(2, 6)
     ).graph
     calls = [node for node in graph.nodes if node.op == "call_function"]
-    (input_grad,) = [node for node in calls if node.target == ops.cuda_partitioned_conv2d_input_grad.default]
+    (input_grad,) = [node for node in calls if node.target == ops.cudnn_partitioned_conv2d_input_grad.default]
     assert (len(input_grad.args) == 9) == stage  # grad_pooled given in a stage
     (weight_grad,) = [node for node in calls if node.target == torch.ops.aten.convolution_backward.default]
     assert weight_grad.args[-1][0] is False  # output_mask: no input gradient from ATen
@@ -87,14 +78,8 @@ def test_backward_routes_the_input_grad_to_the_cuda_op(stage):
 # --- CUDA -----------------------------------------------------------------------------------------
 
 CONVS = {
-    "k3": Conv(6, 5, 3, padding=1),
-    "k1-stride2": Conv(5, 4, 1, stride=2, size=(7, 6), bias=False),
-    "k5-stride2": Conv(5, 6, 5, stride=2, padding=2, size=(11, 9)),
-    "k3x5-stride2x1": Conv(6, 5, (3, 5), stride=(2, 1), padding=(1, 2)),
-    "stride2-dilation2": Conv(7, 3, 3, stride=2, dilation=2, size=(13, 11)),
-    "groups2": Conv(8, 6, 3, padding=1, groups=2, batch=1),
-    "groups4-stride2": Conv(8, 8, 3, stride=2, padding=1, groups=4, bias=False),
-    "depthwise-same": Conv(6, 6, 3, padding="same", groups=6, bias=False, size=(5, 4)),
+    **LEAN_CONV_GRID,
+    "groups4-stride2": CONV_GRID["groups4-stride2"],
     "vgg-64": Conv(64, 64, 3, padding=1, size=(16, 16), batch=4),
     "resnet-down": Conv(64, 128, 3, stride=2, padding=1, size=(16, 16), batch=4, bias=False),
     "1x1-down": Conv(64, 128, 1, stride=2, size=(15, 15), batch=3, bias=False),
@@ -105,11 +90,7 @@ MODES = {"f32": (torch.float32, False, torch.float32), "tf32": (torch.float32, T
 
 
 def shared_channel_counts(conv: Conv) -> list[int]:
-    c = conv.in_channels
-    counts = {0, 1, c // 2, c - 1, c}
-    if conv.groups > 1:
-        counts.add(c // conv.groups + 1)  # cuts a group: a grouped call and a dense one on the next group
-    return sorted(counts)
+    return sorted({*boundary_shared_counts(conv), conv.in_channels // 2})
 
 
 # TF32 only on short reductions (C_in / groups * kH * kW <= 63), which the "tf32" tolerance is meant for:
@@ -155,7 +136,7 @@ def test_conv_matches_reference(name, mode, layout, cudnn_mode):
     for cp in shared_channel_counts(conv):
         compare_backward(
             lambda b, w, c=None: functional.partitioned_conv2d(view(b), w, c, **conv.conv_args(), shared_channels=cp,
-                                                               backend="cuda"),
+                                                               backend="cudnn"),
             exact(lambda b, w, c=None: reference.partitioned_conv2d(view(b), w, c, **conv.conv_args(),
                                                                     shared_channels=cp)),
             conv_leaves(conv, layout, dtype, "cuda"), dtype=tol, names=["input", "weight", "bias"],
@@ -176,7 +157,7 @@ def test_stage_matches_reference(name, mode, layout, used, cudnn_mode):
     for cp in shared_channel_counts(conv):
         compare_backward(
             lambda b, w, c=None: pick(functional.partitioned_conv2d_with_exit_pool(
-                view(b), w, c, **conv.conv_args(), shared_channels=cp, backend="cuda")),
+                view(b), w, c, **conv.conv_args(), shared_channels=cp, backend="cudnn")),
             exact(lambda b, w, c=None: pick(reference.partitioned_conv2d_with_exit_pool(
                 view(b), w, c, **conv.conv_args(), shared_channels=cp))),
             conv_leaves(conv, layout, dtype, "cuda"), dtype=tol, names=["input", "weight", "bias"],
@@ -196,13 +177,13 @@ def test_input_grad_written_in_place(name, channels_last, dtype):
     base, weight, *bias = (t.detach() for t in conv_leaves(conv, layout, dtype, "cuda"))
     base.requires_grad_()  # only the input gradient is asked for: no weight gradient's convolution_backward
     out = functional.partitioned_conv2d(base, weight, bias[0] if bias else None, **conv.conv_args(),
-                                        shared_channels=conv.in_channels // 2 + 1, backend="cuda")
+                                        shared_channels=conv.in_channels // 2 + 1, backend="cudnn")
     grad = torch.randn_like(out)
     torch.autograd.grad(out, base, grad, retain_graph=True)  # the first call chooses cuDNN's algorithm
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         torch.autograd.grad(out, base, grad)
     names = {event.name for event in profiler.events()}
-    assert "dfs_kernels::cuda_partitioned_conv2d_input_grad" in names
+    assert "dfs_kernels::cudnn_partitioned_conv2d_input_grad" in names
     assert not {"aten::convolution_backward", "dfs_kernels::pad_channels"} & names, sorted(names)
 
 
@@ -221,7 +202,7 @@ def test_cudnn_settings_and_fallback(setting, monkeypatch):
         for layout in ("contiguous", "channels_last"):
             compare_backward(
                 lambda b, w, c=None: functional.partitioned_conv2d_with_exit_pool(
-                    b, w, c, **conv.conv_args(), shared_channels=cp, backend="cuda"),
+                    b, w, c, **conv.conv_args(), shared_channels=cp, backend="cudnn"),
                 exact(lambda b, w, c=None: reference.partitioned_conv2d_with_exit_pool(
                     b, w, c, **conv.conv_args(), shared_channels=cp)),
                 conv_leaves(conv, layout, torch.float32, "cuda"), dtype=torch.float32,
@@ -229,51 +210,17 @@ def test_cudnn_settings_and_fallback(setting, monkeypatch):
             )
 
 
-def opcheck_cases(device: str):
-    """The CUDA cases are built inside the test (collection must not touch CUDA), the ids on CPU."""
-    cuda = dict(device=device)
-    x = torch.randn(2, 6, 5, 4, **cuda)
-    x_cl = torch.randn(2, 6, 5, 4, **cuda).contiguous(memory_format=torch.channels_last)
-    w, w_grouped = torch.randn(4, 6, 3, 3, **cuda), torch.randn(4, 3, 3, 3, **cuda)
-    grad_out = torch.randn(2, 4, 5, 4, **cuda)
-    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
-    return [
-        ("cuda_partitioned_conv2d", (leaf(x), leaf(w), leaf(torch.randn(4, **cuda)), [1, 1], [1, 1], [1, 1], 1, 2)),
-        ("cuda_partitioned_conv2d", (leaf(x_cl), leaf(w_grouped), None, [2, 1], [1, 2], [1, 2], 2, 4)),
-        ("cuda_partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 3)),
-        ("cuda_partitioned_conv2d_input_grad", (grad_out, x_cl, w_grouped, [1, 1], [1, 1], [1, 1], 2, 4)),
-        ("cuda_partitioned_conv2d_input_grad", (grad_out, x, w, [1, 1], [1, 1], [1, 1], 1, 0)),
-        ("cuda_partitioned_conv2d_input_grad", (grad_out, x_cl, w, [1, 1], [1, 1], [1, 1], 1, 2,
-                                                torch.randn(2, 6, **cuda))),
-        ("cuda_partitioned_conv2d_input_grad", (grad_out, x, w_grouped, [1, 1], [1, 1], [1, 1], 2, 0,
-                                                torch.randn(2, 6, **cuda))),
-        ("cuda_partitioned_conv2d_with_exit_pool", (leaf(x), leaf(w), leaf(torch.randn(4, **cuda)), [1, 1], [1, 1],
-                                                    [1, 1], 1, 2)),
-        ("cuda_partitioned_conv2d_with_exit_pool", (leaf(x_cl), leaf(w_grouped), None, [1, 1], [1, 1], [1, 1], 2, 5)),
-        ("exit_avg_pool_backward", (torch.randn(2, 6, **cuda), [2, 6, 5, 4], 2, False)),
-        ("exit_avg_pool_backward", (torch.randn(6, 2, **cuda).t(), [2, 6, 5, 4], 5, True)),
-    ]
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("index", range(len(opcheck_cases("cpu"))), ids=[name for name, _ in opcheck_cases("cpu")])
-def test_opcheck(index):
+def test_auto_measures_the_cudnn_backend(monkeypatch):
     cuda_backend_or_skip()
-    name, args = opcheck_cases("cuda")[index]
-    torch.library.opcheck(getattr(torch.ops.dfs_kernels, name).default, args)
-
-
-@pytest.mark.cuda
-def test_auto_measures_the_cuda_backend(monkeypatch):
-    cuda_backend_or_skip()
-    assert "cuda" in backends._auto_candidates("cuda")
+    assert "cudnn" in backends._auto_candidates("cuda")
     monkeypatch.setattr(backends.auto, "_AUTO_CACHE", {})
     monkeypatch.setattr(backends.auto, "_AUTO_TIMINGS", {})
     monkeypatch.delenv("DFS_KERNELS_AUTOTUNE_CACHE", raising=False)
-    auto = backends.MeasuredAuto(["aten", "cuda"], device_type="cuda")
+    auto = backends.MeasuredAuto(["aten", "cudnn"], device_type="cuda")
     x = torch.randn(8, 32, 16, 16, device="cuda", requires_grad=True)
     w = torch.randn(32, 32, 3, 3, device="cuda", requires_grad=True)
     out = auto.partitioned_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, 16)
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, padding=1))
     (entry,) = backends.auto_choices().values()
-    assert set(entry["seconds"]) == {"aten", "cuda"} and entry["backend"] in {"aten", "cuda"}
+    assert set(entry["seconds"]) == {"aten", "cudnn"} and entry["backend"] in {"aten", "cudnn"}

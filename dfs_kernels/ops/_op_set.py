@@ -1,0 +1,55 @@
+"""``OpSet``: the calls the functional layer makes into one backend's registered ops."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from .channels import ExitReference, Reroute
+
+
+def _no_check(tensor: torch.Tensor) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSet:
+    """A backend whose DFS ops are registered ops: ``torch.ops.dfs_kernels.{conv_prefix}partitioned_conv2d``
+    and ``..._with_exit_pool``, ``{glue_prefix}exit_avg_pool`` and, for the split-point views,
+    ``{glue_prefix}merge_channels``. Arguments come validated from ``dfs_kernels.functional``
+    (padding numeric); ``check_input`` rejects what the kernels cannot run (the Triton dtypes)."""
+
+    name: str
+    conv_prefix: str
+    glue_prefix: str
+    check_input: Callable[[torch.Tensor], None] = _no_check
+
+    def _op(self, prefix: str, name: str):
+        return getattr(torch.ops.dfs_kernels, prefix + name)
+
+    def partitioned_conv2d(self, input, weight, bias, stride, padding, dilation, groups, shared_channels):
+        self.check_input(input)
+        return self._op(self.conv_prefix, "partitioned_conv2d")(
+            input, weight, bias, list(stride), list(padding), list(dilation), groups, shared_channels
+        )
+
+    def partitioned_conv2d_with_exit_pool(self, input, weight, bias, stride, padding, dilation, groups,
+                                          shared_channels):
+        self.check_input(input)
+        return self._op(self.conv_prefix, "partitioned_conv2d_with_exit_pool")(
+            input, weight, bias, list(stride), list(padding), list(dilation), groups, shared_channels
+        )
+
+    def exit_avg_pool(self, x, shared_channels):
+        self.check_input(x)
+        return self._op(self.glue_prefix, "exit_avg_pool")(x, shared_channels)
+
+    def reroute(self, x, shared_channels):
+        self.check_input(x)
+        return Reroute.apply(x, shared_channels, self.glue_prefix)
+
+    def exit_reference(self, x, shared_channels):
+        self.check_input(x)
+        return ExitReference.apply(x, shared_channels, self.glue_prefix)
