@@ -1,11 +1,13 @@
 """dfs_kernels: exact and fast Deep Feature Surgery for multi-exit networks.
 
 Swap ``nn.Conv2d`` for ``dfs_kernels.PartitionedConv2d`` (or call ``dfs_kernels.convert(model)``),
-reference features at exits with ``ExitHead`` / ``FeatureReroute``, and train as usual.
+reference features at exits with ``ExitHead`` / ``FeatureReroute``, and train as usual. For
+deployment, ``export_decompositions()`` lowers an exported program to plain ATen ops and
+``unconvert(model)`` turns partitioned convolutions back into ``nn.Conv2d``.
 """
 
 from . import _library
-from . import functional, reference
+from . import export, functional, reference
 from .backends import (
     BACKENDS,
     BackendUnavailableError,
@@ -14,7 +16,8 @@ from .backends import (
     resolve_backend,
     unavailable_reason,
 )
-from .nn import ExitHead, FeatureReroute, PartitionedConv2d, convert
+from .export import export_decompositions
+from .nn import ExitHead, FeatureReroute, PartitionedConv2d, convert, unconvert
 
 __version__ = "0.1.0"
 
@@ -32,10 +35,13 @@ __all__ = [
     "PartitionedConv2d",
     "available_backends",
     "convert",
+    "export",
+    "export_decompositions",
     "extension_loaded",
     "functional",
     "reference",
     "register_flop_formulas",
     "resolve_backend",
     "unavailable_reason",
+    "unconvert",
 ]

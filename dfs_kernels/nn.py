@@ -1,5 +1,6 @@
-"""Modules: ``PartitionedConv2d`` (a drop-in ``nn.Conv2d``), ``ExitHead``, ``FeatureReroute`` and
-``convert``, which turns the convolutions of an existing model into partitioned ones."""
+"""Modules: ``PartitionedConv2d`` (a drop-in ``nn.Conv2d``), ``ExitHead``, ``FeatureReroute``;
+``convert``, which turns the convolutions of an existing model into partitioned ones, and
+``unconvert``, its inverse."""
 
 from __future__ import annotations
 
@@ -7,13 +8,55 @@ import torch
 from torch import nn
 
 from . import functional
-from ._validation import check_beta, check_feature_map, shared_channels_for
+from ._validation import check_beta, check_feature_map, check_shared_channels, shared_channels_for
 from .backends import check_backend_name
 
-__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "convert"]
+__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "convert", "unconvert"]
 
 
-class PartitionedConv2d(nn.Conv2d):
+class _ChannelPartition:
+    """``shared_channels`` (Cp) and ``beta`` of a module whose forward partitions ``_partitioned_channels``
+    (C) channels. Both are properties: an assignment after construction is validated and takes effect
+    at the next forward. Neither is a parameter or buffer, so state_dict keys do not change."""
+
+    _shared_channels: int
+
+    @property
+    def _partitioned_channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def shared_channels(self) -> int:
+        """Cp, an int in [0, C]: channels [0, Cp) are shared, [Cp, C) referenced."""
+        return self._shared_channels
+
+    @shared_channels.setter
+    def shared_channels(self, value: int) -> None:
+        check_shared_channels(value, self._partitioned_channels)
+        self._shared_channels = int(value)
+
+    @property
+    def beta(self) -> float:
+        """Cp / C, the fraction of shared channels; assigning it sets Cp = round(beta * C)."""
+        channels = self._partitioned_channels
+        return self._shared_channels / channels if channels else 0.0
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._shared_channels = shared_channels_for(self._partitioned_channels, value)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling anything: the one place to
+        # stop it with a useful message instead of a type error deep inside the backend dispatch.
+        raise RuntimeError(
+            f"torch.jit.script is not supported for dfs_kernels.{type(self).__name__}: TorchScript cannot "
+            "compile the backend dispatch of the DFS ops. Use torch.export instead, with "
+            "ep.run_decompositions(dfs_kernels.export_decompositions()) for a program of plain ATen ops, "
+            "or torch.jit.trace; dfs_kernels.unconvert(model) turns PartitionedConv2d back into nn.Conv2d."
+        )
+
+
+class PartitionedConv2d(_ChannelPartition, nn.Conv2d):
     """``nn.Conv2d`` whose input is partitioned for Deep Feature Surgery: ``conv([x+, sg(x-)])``.
 
     Same constructor arguments, parameters, initialization and state_dict keys as ``nn.Conv2d``, so
@@ -25,6 +68,9 @@ class PartitionedConv2d(nn.Conv2d):
         beta: fraction of shared input channels, in [0, 1]; Cp = round(beta * in_channels).
         shared_channels: Cp as an int in [0, in_channels]; overrides ``beta``.
         backend: "auto" or a backend name (``dfs_kernels.available_backends()``).
+
+    ``shared_channels`` and ``beta`` may be assigned after construction (validated, effective at the
+    next forward). ``torch.jit.script`` is refused with a clear error; see ``dfs_kernels.export``.
 
     Shapes: input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, H_out, W_out].
 
@@ -57,6 +103,10 @@ class PartitionedConv2d(nn.Conv2d):
         self.shared_channels = shared_channels_for(in_channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
+
+    @property
+    def _partitioned_channels(self) -> int:
+        return self.in_channels
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         padding = self.padding
@@ -92,6 +142,7 @@ class PartitionedConv2d(nn.Conv2d):
         optimizer built on ``conv`` keeps working) and its configuration."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        _check_initialized(conv, "conv")
         partitioned = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
@@ -111,18 +162,32 @@ class PartitionedConv2d(nn.Conv2d):
         return conv
 
 
+def _is_lazy_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a lazy module before its first forward (its parameters do not exist yet)."""
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def _check_initialized(conv: nn.Conv2d, name: str) -> None:
+    if _is_lazy_conv(conv):
+        raise ValueError(
+            f"{name} is an uninitialized lazy convolution ({type(conv).__name__} before its first forward): "
+            "its in_channels and weight do not exist yet. Run one forward pass first, then convert it."
+        )
+
+
 def _adopt(target: nn.Conv2d, source: nn.Conv2d) -> None:
     target.weight = source.weight
     target.bias = source.bias
     target.train(source.training)
 
 
-class ExitHead(nn.Module):
+class ExitHead(_ChannelPartition, nn.Module):
     """The VGG exit of DESIGN.md §1: ``fc(global_avg_pool([sg(x+), x-]))``.
 
     Its gradient reaches only the referenced channels [Cp, C) of x; ``shared_channels=0`` lets it
     reach every channel (the ``exit_grad="all"`` variant). Shapes: x [N, C, H, W] -> [N, num_classes].
-    State_dict keys: ``fc.weight`` (and ``fc.bias``).
+    State_dict keys: ``fc.weight`` (and ``fc.bias``). ``shared_channels`` and ``beta`` may be
+    assigned after construction (validated against ``in_channels``).
     """
 
     def __init__(
@@ -138,10 +203,14 @@ class ExitHead(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes, bias=bias, device=device, dtype=dtype)
         self.shared_channels = shared_channels_for(in_channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
-        self.fc = nn.Linear(in_channels, num_classes, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def _partitioned_channels(self) -> int:
+        return self.fc.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, "x", channels=self.fc.in_features)
@@ -152,9 +221,10 @@ class ExitHead(nn.Module):
         return f"shared_channels={self.shared_channels}, backend={self.backend!r}"
 
 
-class FeatureReroute(nn.Module):
+class FeatureReroute(_ChannelPartition, nn.Module):
     """A DFS split point: ``forward(x) -> (backbone, exit)`` with backbone = ``[x+, sg(x-)]`` and
-    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W]."""
+    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W].
+    ``shared_channels`` and ``beta`` may be assigned after construction (validated against ``channels``)."""
 
     def __init__(
         self, channels: int, *, beta: float = 0.5, shared_channels: int | None = None, backend: str = "auto"
@@ -164,6 +234,10 @@ class FeatureReroute(nn.Module):
         self.shared_channels = shared_channels_for(channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
+
+    @property
+    def _partitioned_channels(self) -> int:
+        return self.channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_feature_map(x, "x", channels=self.channels)
@@ -180,7 +254,10 @@ def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, bac
 
     The first convolution in module order (the one that sees the image) stays a plain ``nn.Conv2d``
     unless ``skip_first=False``: its input has no exit to reference. Only modules whose type is
-    exactly ``nn.Conv2d`` are replaced; subclasses (including PartitionedConv2d) are left alone.
+    exactly ``nn.Conv2d`` are replaced; subclasses (including PartitionedConv2d) are left alone. A
+    convolution held under several names (or by several parents) becomes one PartitionedConv2d in
+    every place, so its uses still share one module. An uninitialized lazy convolution that would be
+    converted raises ``ValueError``: after its first forward it would be a plain ``nn.Conv2d``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -189,12 +266,35 @@ def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, bac
     convs = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if skip_first and convs:
         convs = convs[1:]
-    for name, module in convs:
-        if type(module) is not nn.Conv2d:
-            continue
-        if not name:  # the model is itself a convolution: nothing holds it, so return its replacement
-            return PartitionedConv2d.from_conv(module, beta=beta, backend=backend)
+    replacements = {}
+    for name, conv in convs:  # named_modules lists a shared module once, under its first name
+        if type(conv) is nn.Conv2d or _is_lazy_conv(conv):
+            _check_initialized(conv, f"model.{name}" if name else "model")
+            replacements[id(conv)] = PartitionedConv2d.from_conv(conv, beta=beta, backend=backend)
+    return _replace(model, replacements)
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """The inverse of ``convert``: replaces, in place, every ``PartitionedConv2d`` of ``model`` (exactly
+    that type) by the plain ``nn.Conv2d`` sharing its parameters (``PartitionedConv2d.to_conv``); a
+    module held in several places becomes one ``nn.Conv2d`` in all of them. Forward values do not
+    change. Returns ``model``, or the replacement when ``model`` is itself a PartitionedConv2d.
+    ``ExitHead`` and ``FeatureReroute`` have no plain counterpart and stay; ``dfs_kernels.export``
+    lowers them (and every other DFS op) to ATen for deployment."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    partitioned = [module for module in model.modules() if type(module) is PartitionedConv2d]
+    return _replace(model, {id(module): module.to_conv() for module in partitioned})
+
+
+def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Puts ``replacements[id(module)]`` in every place that holds ``module``, under every name
+    (``named_modules(remove_duplicate=False)`` lists a shared module once per place)."""
+    if id(model) in replacements:  # the model itself: nothing holds it, so return its replacement
+        return replacements[id(model)]
+    uses = model.named_modules(remove_duplicate=False)
+    for name, module in [(name, module) for name, module in uses if id(module) in replacements]:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, PartitionedConv2d.from_conv(module, beta=beta, backend=backend))
+        setattr(parent, child_name, replacements[id(module)])
     return model

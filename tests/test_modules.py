@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfs_kernels
-from dfs_kernels import PartitionedConv2d, reference
+from dfs_kernels import ExitHead, FeatureReroute, PartitionedConv2d, reference
 from dfs_kernels.testing import assert_close
 
 
@@ -150,3 +150,97 @@ def test_converted_optimizer_keeps_working():
     model(torch.randn(1, 3, 8, 8)).sum().backward()
     optimizer.step()
     assert not torch.equal(model[1].weight, before)
+
+
+def test_convert_replaces_every_use_of_a_shared_conv():
+    shared = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), shared, nn.ReLU(), shared)
+    outer = nn.Sequential(model, nn.Sequential(shared))  # also held by another parent
+    dfs_kernels.convert(outer, beta=0.25)
+    assert isinstance(model[1], PartitionedConv2d)
+    assert model[3] is model[1] and outer[1][0] is model[1]
+    assert model[1].weight is shared.weight and model[1].bias is shared.bias
+    assert len(list(outer.parameters())) == 4  # still one conv's weight and bias shared by its three uses
+    # Every use has the DFS gradient: the second use's input gets none on the referenced channels.
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    model[3](x).sum().backward()
+    assert x.grad[:, 2:].abs().max() == 0 and x.grad[:, :2].abs().max() > 0
+
+
+def test_unconvert_inverts_convert_keeping_shared_parameters():
+    shared = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), shared, nn.ReLU(), shared, nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    parameters = list(model.parameters())
+    dfs_kernels.convert(model)
+    assert isinstance(model[1], PartitionedConv2d) and isinstance(model[4], PartitionedConv2d)
+    assert dfs_kernels.unconvert(model) is model
+    assert all(type(model[i]) is nn.Conv2d for i in (0, 1, 3, 4))
+    assert model[3] is model[1] and model[1].weight is shared.weight
+    assert [a is b for a, b in zip(model.parameters(), parameters)] == [True] * len(parameters)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    alone = dfs_kernels.unconvert(PartitionedConv2d(4, 2, 1))
+    assert type(alone) is nn.Conv2d
+
+
+def _input_grad(module, x):
+    """The gradient of x through ``module``'s output (the backbone view of a FeatureReroute)."""
+    x = x.detach().requires_grad_()
+    output = module(x)
+    (output[0] if isinstance(output, tuple) else output).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("assign", ["beta", "shared_channels"])
+@pytest.mark.parametrize("kind", ["conv", "exit_head", "reroute"])
+def test_partition_assigned_after_construction_takes_effect(kind, assign):
+    module = {
+        "conv": lambda: PartitionedConv2d(8, 4, 3, padding=1, beta=0.5),
+        "exit_head": lambda: ExitHead(8, 3, beta=0.5),
+        "reroute": lambda: FeatureReroute(8, beta=0.5),
+    }[kind]()
+    keys = list(module.state_dict())
+    setattr(module, assign, 0.25 if assign == "beta" else 2)
+    assert module.shared_channels == 2 and module.beta == 0.25
+    assert list(module.state_dict()) == keys
+    grad = _input_grad(module, torch.randn(2, 8, 5, 5))
+    if kind == "exit_head":  # an exit's gradient reaches the referenced channels [Cp, C) only
+        assert grad[:, :2].abs().max() == 0 and grad[:, 2:].abs().min() > 0
+    else:  # the backbone's reaches the shared channels [0, Cp) only
+        assert grad[:, 2:].abs().max() == 0 and grad[:, :2].abs().max() > 0
+
+
+@pytest.mark.parametrize("module", [PartitionedConv2d(8, 4, 3), ExitHead(8, 3), FeatureReroute(8)],
+                         ids=["conv", "exit_head", "reroute"])
+def test_invalid_partition_assignment_raises_and_keeps_the_old_value(module):
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\], got 1.5"):
+        module.beta = 1.5
+    with pytest.raises(ValueError, match=r"shared_channels must be in \[0, 8\].*got 9"):
+        module.shared_channels = 9
+    with pytest.raises(TypeError, match=r"shared_channels must be an int in \[0, 8\]"):
+        module.shared_channels = 2.0
+    assert module.shared_channels == 4
+
+
+def test_from_conv_and_convert_refuse_uninitialized_lazy_convs():
+    with pytest.raises(ValueError, match="conv is an uninitialized lazy convolution.*LazyConv2d"):
+        PartitionedConv2d.from_conv(nn.LazyConv2d(8, 3))
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyConv2d(8, 3))
+    with pytest.raises(ValueError, match=r"model\.1 is an uninitialized lazy convolution"):
+        dfs_kernels.convert(model)
+    model(torch.randn(1, 3, 9, 9))  # after the first forward they are plain convolutions
+    dfs_kernels.convert(model)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[1], PartitionedConv2d)
+    assert model[1].in_channels == 8 and model[1].shared_channels == 4
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: PartitionedConv2d(8, 4, 3), lambda: ExitHead(8, 3), lambda: FeatureReroute(8),
+     lambda: dfs_kernels.convert(SmallVGG())],
+    ids=["conv", "exit_head", "reroute", "converted_model"],
+)
+def test_jit_script_is_refused_with_a_clear_error(make):
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script is not supported .*Use torch\.export"):
+        torch.jit.script(make())
