@@ -1,8 +1,8 @@
-"""Timing and memory helpers of the training-step benchmark.
+"""Timing and memory helpers of the benchmarks.
 
 ``PhaseClock`` splits one step into phases: host clock on CPU, CUDA events on GPU (so the phases
-are GPU time, not launch time). ``peak_step_memory`` measures the memory one step allocates on top
-of what was live before it.
+are GPU time, not launch time). ``median_ms`` times a kernel call the same way. ``peak_step_memory``
+measures the memory one step allocates on top of what was live before it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,28 @@ class PhaseClock:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones. On GPU
+    each call lies between two CUDA events and all calls are queued before one synchronization, so
+    the host's launch time hides behind the device's work as in a training loop; host clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return median(times)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return median([start.elapsed_time(end) for start, end in events])
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float] | None:

@@ -1,31 +1,34 @@
-"""Kernel benchmark of the GPU backends ("aten", "triton", "cudnn") against cuDNN (GPU only).
+"""Kernel benchmark of the GPU backends against cuDNN (GPU only).
 
 For the convolution shapes of VGG7-64 (CIFAR 32x32, batch 256), ResNet-18 (CIFAR, batch 256) and
-VGG16-64 (224x224, batch 64), in float32 (IEEE), TF32 and bfloat16 channels-last, it times with
-``triton.testing.do_bench`` (median of many runs), for each available backend side by side:
+VGG16-64 (224x224, batch 64), in float32 (IEEE), TF32 and bfloat16 channels-last, it times (median
+of many calls between CUDA events, ``_timing.median_ms``), for each available backend but the
+reference side by side:
 
 - ``forward``: nn.Conv2d's convolution (cuDNN) vs the partitioned convolution of each backend;
 - ``input_grad``: cuDNN's full input gradient (what DSN computes) vs the shared-channels-only input
-  gradient op of each backend (beta = 0.5; the referenced channels' zeros included). "aten" computes
-  it into a tensor of its own and assembles; "cudnn" has cuDNN write it in place; "triton" is its kernel;
+  gradient of each backend (beta = 0.5; the referenced channels' zeros included), each through
+  autograd with only the input requiring gradient;
 - ``weight_grad``: cuDNN's weight gradient vs each backend's, through autograd with only the weight and
-  bias requiring gradients ("aten" and "cudnn" use cuDNN's, so they measure the autograd overhead);
+  bias requiring gradients ("aten" and the cuDNN backend use cuDNN's, so they measure the autograd
+  overhead);
 - ``stage`` (split-point shapes: stride 1, as at every VGG split point): forward + backward of a
-  convolution and an exit's pooled read of the same input: composed (aten), fused (triton, cudnn).
+  convolution and an exit's pooled read of the same input: composed (aten), fused (the others).
 
 Each backend's result is checked against cuDNN's (max abs error, relative to the output's max).
 
     python bench/bench_triton_kernels.py                     # everything, results in bench/results/
     python bench/bench_triton_kernels.py --models vgg7 --modes bf16 --quick
 
-On a machine without CUDA, or without triton (whose timer it uses), it prints why and exits 0.
+On a machine without CUDA it prints why and exits 0 (``bench/gpu_check.py --dry-run`` runs
+``bench_shape`` on CPU at tiny sizes).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
+import importlib.metadata
 import json
 import platform
 import sys
@@ -33,6 +36,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+try:
+    import dfs_kernels
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    import dfs_kernels
+from _timing import median_ms  # noqa: E402
 
 # (name, batch, C_in, C_out, H=W of the input, kernel, stride, padding): one entry per distinct conv.
 SHAPES = {
@@ -77,75 +89,95 @@ def _max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).abs().max() / scale)
 
 
-def bench_shape(shape, mode: str, backends: list[str], quick: bool) -> list[dict]:
-    import triton.testing
+def benchmarked_backends(device) -> list[str]:
+    """The backends timed against cuDNN on ``device``: every available one but the oracle (on CPU
+    also Triton under the interpreter, for the dry run)."""
+    return [name for name in dfs_kernels.available_backends(device, include_interpreted=True) if name != "reference"]
 
+
+def bench_shape(shape, mode: str, backends: list[str], quick: bool, *, device="cuda",
+                repeats: tuple[int, int] | None = None) -> list[dict]:
+    """Rows (one per op and variant, milliseconds) for one convolution ``shape`` in ``mode``.
+    ``repeats``: (warm-up, timed) calls per measurement, by default from ``quick``."""
     from dfs_kernels import functional
 
+    device = torch.device(device)
     name, batch, cin, cout, size, k, stride, padding = shape
     dtype, tf32, channels_last = MODES[mode]
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     cp = round(BETA * cin)
-    x = torch.randn(batch, cin, size, size, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
-    w = (torch.randn(cout, cin, k, k, device="cuda", dtype=dtype) / (cin * k * k) ** 0.5).contiguous(memory_format=fmt)
-    b = torch.randn(cout, device="cuda", dtype=dtype)
+    x = torch.randn(batch, cin, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(cout, cin, k, k, device=device, dtype=dtype) / (cin * k * k) ** 0.5).contiguous(memory_format=fmt)
+    b = torch.randn(cout, device=device, dtype=dtype)
     conv = dict(stride=(stride, stride), padding=(padding, padding), dilation=(1, 1))
     y = F.conv2d(x, w, b, **conv)
     dy = torch.randn_like(y)
-    reps = dict(warmup=5, rep=20) if quick else dict(warmup=25, rep=100)
+    warmup, timed = repeats or ((5, 20) if quick else (25, 100))
 
-    def timed(fn) -> float:
-        return triton.testing.do_bench(fn, return_mode="median", **reps)
+    def time_ms(fn) -> float:
+        return median_ms(fn, device, warmup=warmup, repeats=timed)
 
-    aten = torch.ops.aten
-    cudnn_input_grad = lambda: aten.convolution_backward(  # noqa: E731
-        dy, x, w, None, list(conv["stride"]), list(conv["padding"]), [1, 1], False, [0, 0], 1, [True, False, False])[0]
-    cudnn_weight_grad = lambda: aten.convolution_backward(  # noqa: E731
-        dy, x, w, [cout], list(conv["stride"]), list(conv["padding"]), [1, 1], False, [0, 0], 1, [False, True, True])
     rows = []
 
     def record(op, variant, ms, error=None):
         rows.append({"shape": name, "mode": mode, "op": op, "variant": variant, "ms": ms,
                      "max_rel_error_vs_cudnn": error, "batch": batch, "c_in": cin, "c_out": cout, "size": size,
                      "kernel": k, "stride": stride, "shared_channels": cp})
-        print(f"{name:26s} {mode:5s} {op:12s} {variant:14s} {ms:9.3f} ms" + (f"  err {error:.2e}" if error is not None else ""))
+        print(f"{name:26s} {mode:5s} {op:12s} {variant:14s} {ms:9.3f} ms" + (f"  err {error:.2e}" if error is not None else ""),
+              flush=True)
 
-    record("forward", "cudnn", timed(lambda: F.conv2d(x, w, b, **conv)))
-    record("input_grad", "cudnn-full", timed(cudnn_input_grad))
-    record("weight_grad", "cudnn", timed(cudnn_weight_grad))
-    expected_dx = cudnn_input_grad()
-    expected_dw, expected_db = cudnn_weight_grad()[1:]
-    conv_lists = (list(conv["stride"]), list(conv["padding"]), [1, 1], 1)
-    wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+    def gradients(conv_fn, wrt):
+        """Autograd of ``conv_fn(x, w, b)`` for the leaves in ``wrt`` (names among x, w, b), the
+        other leaves frozen: a backward that computes those gradients only."""
+        leaves = {"x": x, "w": w, "b": b}
+        leaves = {key: value.detach().requires_grad_(key in wrt) for key, value in leaves.items()}
+        out = conv_fn(leaves["x"], leaves["w"], leaves["b"])
+        return lambda: torch.autograd.grad(out, [leaves[key] for key in wrt], dy, retain_graph=True)
+
+    def cudnn(xx, ww, bb):
+        return F.conv2d(xx, ww, bb, **conv)
+
+    record("forward", "cudnn", time_ms(lambda: F.conv2d(x, w, b, **conv)))
+    cudnn_input_grad, cudnn_weight_grad = gradients(cudnn, "x"), gradients(cudnn, "wb")
+    record("input_grad", "cudnn-full", time_ms(cudnn_input_grad))
+    record("weight_grad", "cudnn", time_ms(cudnn_weight_grad))
+    (expected_dx,), (expected_dw, expected_db) = cudnn_input_grad(), cudnn_weight_grad()
     for backend in backends:
-        # Every backend's input-gradient op has the same schema, under its prefix (dfs_kernels.ops).
-        input_grad = getattr(torch.ops.dfs_kernels,
-                             dfs_kernels.backends.implementation(backend, "cuda").conv_prefix + "partitioned_conv2d_input_grad")
+        def partitioned(xx, ww, bb, backend=backend):
+            return functional.partitioned_conv2d(xx, ww, bb, **conv, shared_channels=cp, backend=backend)
 
-        def forward():
-            return functional.partitioned_conv2d(x, w, b, **conv, shared_channels=cp, backend=backend)
-
-        record("forward", backend, timed(forward), _max_rel_error(forward(), y))
-        op = lambda: input_grad(dy, x, w, *conv_lists, cp)  # noqa: E731
-        record("input_grad", f"{backend}-shared", timed(op), _max_rel_error(op()[:, :cp], expected_dx[:, :cp]))
-        out = functional.partitioned_conv2d(x, wg, bg, **conv, shared_channels=cp, backend=backend)
-        op = lambda: torch.autograd.grad(out, (wg, bg), dy, retain_graph=True)  # noqa: E731
+        record("forward", backend, time_ms(lambda: partitioned(x, w, b)), _max_rel_error(partitioned(x, w, b), y))
+        op = gradients(partitioned, "x")
+        record("input_grad", f"{backend}-shared", time_ms(op), _max_rel_error(op()[0][:, :cp], expected_dx[:, :cp]))
+        op = gradients(partitioned, "wb")
         dw, db = op()
-        record("weight_grad", backend, timed(op), max(_max_rel_error(dw, expected_dw), _max_rel_error(db, expected_db)))
+        record("weight_grad", backend, time_ms(op), max(_max_rel_error(dw, expected_dw), _max_rel_error(db, expected_db)))
 
     if stride == 1 and 2 * padding == k - 1:  # a split point: the conv's input also feeds an exit
         xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
-        dp = torch.randn(batch, cin, device="cuda", dtype=dtype)
+        dp = torch.randn(batch, cin, device=device, dtype=dtype)
         for backend in backends:
-            def stage():
+            def stage(backend=backend):
                 out, pooled = functional.partitioned_conv2d_with_exit_pool(xg, wg, bg, **conv, shared_channels=cp,
                                                                           backend=backend)
                 torch.autograd.grad((out, pooled), (xg, wg, bg), (dy, dp))
 
-            record("stage", f"{backend}-{'composed' if backend == 'aten' else 'fused'}", timed(stage))
+            record("stage", f"{backend}-{'composed' if backend == 'aten' else 'fused'}", time_ms(stage))
     return rows
+
+
+def environment() -> dict:
+    """Device and versions, for the JSON record."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    try:
+        versions["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        versions["triton"] = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": device, **versions}
 
 
 def main(argv=None) -> int:
@@ -158,16 +190,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_triton_kernels: no CUDA device; this benchmark runs on a GPU only.")
         return 0
-    if importlib.util.find_spec("triton") is None:
-        print("bench_triton_kernels: triton is not installed; its do_bench is this benchmark's timer.")
-        return 0
-    import triton
-
-    import dfs_kernels
-
-    backends = [name for name in ("aten", "triton", "cudnn") if name in dfs_kernels.available_backends("cuda")]
-    for name in ("aten", "cudnn"):
-        if name not in backends:
+    backends = benchmarked_backends("cuda")
+    for name in dfs_kernels.BACKENDS:
+        if name != "reference" and name not in backends:
             print(f"bench_triton_kernels: {name} backend unavailable: {dfs_kernels.unavailable_reason(name, 'cuda')}")
     rows = []
     for model in args.models.split(","):
@@ -178,15 +203,10 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bench_triton_kernels",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
+        **environment(),
         "beta": BETA,
         "backends": backends,
-        "timing": "triton.testing.do_bench median, milliseconds",
+        "timing": "median of calls between CUDA events, milliseconds",
         "rows": rows,
     }
     output = args.output or Path(__file__).resolve().parent / "results" / (

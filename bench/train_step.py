@@ -208,7 +208,7 @@ def build_variants(args: argparse.Namespace, betas: list[float], *, include_eage
         skipped = without_input_grads(build("dsn"), conv_names)
         variants.append(make_variant(DSN_WITHOUT_INPUT_GRADS, "dsn", skipped, None, state, args))
     backends = dfs_kernels.available_backends(args.device)
-    unavailable = {name: dfs_kernels.unavailable_reason(name, args.device)
+    unavailable = {name: dfs_kernels.unavailable_reason(name, args.device) or "runs only under the Triton interpreter"
                    for name in dfs_kernels.BACKENDS if name not in backends}
     for beta in betas:
         suffix = "" if len(betas) == 1 else f"@{beta:g}"

@@ -6,8 +6,20 @@ GPU autotuning configurations, dtypes and constexpr variants (the interpreter, w
 numerical tests on CPU, never compiles anything). Unit strides are passed as the constants Triton's
 launcher specializes them to, as for NCHW / NHWC tensors at run time.
 
-    python tests/triton_compile_check.py            # one configuration per kernel variant (CI)
-    python tests/triton_compile_check.py --all      # every autotuning configuration
+    python tests/triton_compile_check.py                # one configuration per kernel variant (CI)
+    python tests/triton_compile_check.py --all          # every autotuning configuration
+    python tests/triton_compile_check.py --pipelining   # every configuration of the GEMM kernels:
+                                                        # no register spills, loads software-pipelined
+
+``--pipelining`` compiles each default configuration of the forward, input-gradient and
+weight-gradient kernels (bfloat16 channels-last, as in training; the input gradient also in float32
+NCHW on TF32) and checks what the compiler did: ptxas reports no spilled registers, the K loop's loads
+became asynchronous copies into multi-buffered shared memory (Triton's software pipeliner), and the
+input gradient's tiles in flight grow with ``num_stages`` (a loop the pipeliner skips keeps plain
+loads whatever ``num_stages`` says). bfloat16 NCHW is left out: its loads gather 2-byte elements
+along pixels, too narrow for an asynchronous copy, so no kernel pipelines there. So is IEEE float32,
+whose dot runs on CUDA cores with both operand tiles in registers: the largest tiles spill a little
+there, a price for the exact mode only.
 
 Must run without TRITON_INTERPRET (the kernels are then JIT functions). Prints one line per
 compile with its shared memory, and exits non-zero on the first failure.
@@ -17,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 
 def _jobs(all_configs: bool, archs: list[int]):
-    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad, exit_pool, referencing
+    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad, exit_pool, merge_channels
 
     def pick(configs):
         return configs if all_configs else configs[:1]
@@ -66,16 +79,147 @@ def _jobs(all_configs: bool, archs: list[int]):
             for meta, warps, stages in pick(exit_pool._BROADCAST_CONFIGS):
                 yield (arch, "exit_pool_backward", exit_pool._exit_pool_backward_kernel,
                        dict(gp_ptr=dtype, dx_ptr=dtype), dict(meta, sdxc=1), ("inv_hw",), warps, stages)
-            for meta, warps, stages in pick(referencing._CONFIGS):
+            for meta, warps, stages in pick(merge_channels._CONFIGS):
                 for head, tail in [(True, True), (False, True)]:
-                    yield (arch, "merge_channels", referencing._merge_channels_kernel,
+                    yield (arch, "merge_channels", merge_channels._merge_channels_kernel,
                            dict(head_ptr=dtype, tail_ptr=dtype, out_ptr=dtype),
                            dict(meta, HAS_HEAD=head, HAS_TAIL=tail, sow=1), (), warps, stages)
 
 
+# Unit strides of the channels-last (NHWC) layout per kernel, and of NCHW.
+_CHANNELS_LAST = {
+    "conv_forward": dict(sxc=1, syc=1, swc=1, X_PIXELS_CONTIGUOUS=False, Y_PIXELS_CONTIGUOUS=False,
+                         W_CHANNELS_CONTIGUOUS=True),
+    "conv_input_grad": dict(sdyc=1, sdxc=1, sgc=1, swc=1, DY_PIXELS_CONTIGUOUS=False, DX_PIXELS_CONTIGUOUS=False),
+    "conv_weight_grad": dict(sdyc=1, sxc=1, sdww=1, DY_CHANNELS_CONTIGUOUS=True, X_PIXELS_CONTIGUOUS=False),
+}
+# NCHW float32: the plain input gradient (the fused stage's fill spills a few registers there).
+_NCHW = {"conv_input_grad": dict(sdyw=1, sdxw=1, sww=1, DY_PIXELS_CONTIGUOUS=True, DX_PIXELS_CONTIGUOUS=True,
+                                 FILL_POOLED=False)}
+
+
+def _pipelining_jobs(arch: int):
+    """(name, kernel, pointers, constants, floats, warps, stages) of every default configuration of
+    the GEMM kernels in the layouts whose loads can be pipelined."""
+    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad
+
+    kernels = {
+        "conv_forward": (conv_forward, conv_forward._conv_forward_kernel,
+                         dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16", pool_ptr="fp32"),
+                         dict(HAS_BIAS=True, POOL=False), ()),
+        # With the exit's gradient as fill (the fused DFS stage), which adds to what is live.
+        "conv_input_grad": (conv_input_grad, conv_input_grad._conv_input_grad_kernel,
+                            dict(dy_ptr="bf16", w_ptr="bf16", gp_ptr="bf16", dx_ptr="bf16"),
+                            dict(FILL_POOLED=True), ("inv_hw",)),
+        "conv_weight_grad": (conv_weight_grad, conv_weight_grad._conv_weight_grad_kernel,
+                             dict(dy_ptr="bf16", x_ptr="bf16", dw_ptr="fp32", db_ptr="fp32"),
+                             dict(HAS_BIAS=True), ()),
+    }
+    for name, (module, fn, pointers, variant, floats) in kernels.items():
+        layouts = [("bf16", "tf32", _CHANNELS_LAST[name])]
+        if name in _NCHW:
+            layouts.append(("fp32", "tf32", _NCHW[name]))
+        for dtype, precision, unit in layouts:
+            typed = {arg: dtype if kind == "bf16" else kind for arg, kind in pointers.items()}
+            for meta, warps, stages in module._GPU_CONFIGS:
+                constants = dict(meta, KH=3, KW=3, DOT_PRECISION=precision, **{**variant, **unit})
+                yield name, fn, typed, constants, floats, warps, stages
+
+
+def _compile(fn, pointers, constants, floats, arch: int, warps: int, stages: int):
+    import triton
+    import triton.language as tl
+
+    if "ACC_DTYPE" in fn.arg_names:  # float32 accumulators: float64 runs only under the interpreter
+        constants = {"ACC_DTYPE": tl.float32, **constants}
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        arg: "constexpr" if arg in constants else "*" + pointers[arg] if arg in pointers
+        else "fp32" if arg in floats else "i32"
+        for arg in fn.arg_names
+    }
+    # As the launcher tells the compiler for 16-byte-aligned pointers and sizes / strides that are
+    # multiples of 16 (typical of VGG / ResNet shapes): what lets loads vectorize and pipeline.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+             if signature[arg] == "i32" or signature[arg].startswith("*")}
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_with_ptxas_report(fn, pointers, constants, floats, arch: int, warps: int, stages: int):
+    """(kernel, ptxas's -v report of it): compiled afresh (not from Triton's cache), with Triton's
+    own ptxas options, whose report Triton prints when asked."""
+    import contextlib
+    import io
+
+    import triton
+
+    report = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(report):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        kernel = _compile(fn, pointers, constants, floats, arch, warps, stages)
+    return kernel, report.getvalue()
+
+
+def spilled_bytes(ptxas_report: str) -> int:
+    """Bytes of registers spilled to local memory (stores + loads) in a ptxas -v report."""
+    spills = [int(count) for count in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas_report)]
+    if not spills:
+        raise RuntimeError(f"no spill counts in the ptxas report:\n{ptxas_report}")
+    return sum(spills)
+
+
+def async_copies(kernel) -> int:
+    """Asynchronous global-to-shared copies in the kernel's TTGIR: the software pipeliner turns the
+    loads of a loop it pipelines into these (cp.async), and leaves a loop it skips with plain loads."""
+    return kernel.asm["ttgir"].count("async_copy_global_to_local")
+
+
+def pipeline_depth(kernel) -> int:
+    """Tiles in flight per operand: the leading dimension of the multi-buffered shared allocations
+    the pipeliner makes for a loop's loads (0 when there are none)."""
+    depths = re.findall(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", kernel.asm["ttgir"])
+    return max((int(depth) for depth in depths), default=0)
+
+
+def check_pipelining(archs: list[int]) -> int:
+    count = 0
+    for arch in archs:
+        for name, fn, pointers, constants, floats, warps, stages in _pipelining_jobs(arch):
+            kernel, report = compile_with_ptxas_report(fn, pointers, constants, floats, arch, warps, stages)
+            depth = pipeline_depth(kernel)
+            tile = "x".join(str(constants[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            line = (f"sm_{arch} {name:17s} {pointers[next(iter(pointers))]:4s} {tile:10s} warps={warps} "
+                    f"stages={stages} shared={kernel.metadata.shared:6d} depth={depth}")
+            problems = []
+            spills = spilled_bytes(report)
+            if spills:
+                problems.append(f"{spills} bytes of spilled registers")
+            if async_copies(kernel) == 0 or depth < 2:
+                problems.append("no multi-buffered asynchronous copies: the K loop is not pipelined")
+            if name == "conv_input_grad":
+                # One stage less must mean fewer tiles in flight. (Shared memory in bytes need not
+                # shrink: the epilogue's layout conversion reuses it and can be the larger use.)
+                shallower = _compile(fn, pointers, constants, floats, arch, warps, stages - 1)
+                line += f" (num_stages={stages - 1}: shared={shallower.metadata.shared:6d} depth={pipeline_depth(shallower)})"
+                if pipeline_depth(shallower) >= depth:
+                    problems.append("the tiles in flight do not grow with num_stages")
+            count += 1
+            if problems:
+                print(f"FAILED {line}: " + "; ".join(problems))
+                return 1
+            print(f"ok {line}", flush=True)
+    print(f"{count} configurations compiled without spills, pipelined")
+    return 0
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every autotuning configuration and dtype")
+    parser.add_argument("--pipelining", action="store_true",
+                        help="every configuration of the GEMM kernels: no spills, pipelined K loops")
     parser.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -88,25 +232,16 @@ def main(argv=None) -> int:
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         print("triton_compile_check: SKIP, this triton has no NVIDIA backend")
         return 3
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    archs = [int(a) for a in args.arch.split(",")]
     started = time.time()
+    if args.pipelining:
+        status = check_pipelining(archs)
+        print(f"{time.time() - started:.0f}s")
+        return status
     count = 0
-    for arch, name, fn, pointers, constants, floats, warps, stages in _jobs(args.all, [int(a) for a in args.arch.split(",")]):
-        signature = {
-            arg: "constexpr" if arg in constants else "*" + pointers[arg] if arg in pointers
-            else "fp32" if arg in floats else "i32"
-            for arg in fn.arg_names
-        }
-        # As the launcher tells the compiler for 16-byte-aligned pointers and sizes / strides that are
-        # multiples of 16 (typical of VGG / ResNet shapes): what lets loads vectorize and pipeline.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-                 if signature[arg] == "i32" or signature[arg].startswith("*")}
-        source = ASTSource(fn, signature, constants, attrs)
+    for arch, name, fn, pointers, constants, floats, warps, stages in _jobs(args.all, archs):
         try:
-            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                    options={"num_warps": warps, "num_stages": stages})
+            kernel = _compile(fn, pointers, constants, floats, arch, warps, stages)
         except Exception as error:
             print(f"FAILED sm_{arch} {name} {constants}: {type(error).__name__}: {error}")
             return 1

@@ -56,7 +56,19 @@ def configs(gpu: list[tuple[dict, int, int]], interpreter: dict) -> list[triton.
     """
     if INTERPRET:
         return [triton.Config(dict(interpreter), num_warps=4, num_stages=1)]
-    return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in gpu]
+    return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in gpu[:_gpu_config_limit()]]
+
+
+def _gpu_config_limit() -> int | None:
+    """``DFS_KERNELS_TRITON_CONFIGS=N`` keeps the first N GPU configurations of every kernel (read
+    when the kernels are defined): a correctness run then compiles each specialization once instead
+    of autotuning over all of them."""
+    value = os.environ.get("DFS_KERNELS_TRITON_CONFIGS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DFS_KERNELS_TRITON_CONFIGS must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def accumulator_dtype(dtype: torch.dtype):

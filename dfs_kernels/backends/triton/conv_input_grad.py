@@ -12,10 +12,15 @@ c a shared input channel, k = (kh, kw, co) a tap and an output channel of the gr
 Stride > 1 without inserted zeros: the input pixels are split into sH * sW stride phases
 (ih % sH, iw % sW). Within a phase, a tap either reaches a whole output pixel for every pixel or for
 none, so each program walks its phase's taps only; nothing is computed for the taps that would read
-the zeros a transposed convolution inserts between output pixels.
+the zeros a transposed convolution inserts between output pixels. The taps of a phase are a lattice
+(along H: kh = kh0, kh0 + step, ... with step = sH / gcd(sH, dH)), so the K loop enumerates exactly
+them and its body has no branch: Triton software-pipelines only loops whose loads are unconditional,
+and a test on the tap inside the loop left ``num_stages`` without effect.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -34,6 +39,30 @@ _KEY = ["N", "H", "W", "H_out", "W_out", "CIN_G", "COUT_G", "CP", "SH", "SW", "K
 
 
 @triton.jit
+def _first_tap(phase, pad, dilation, stride, tap_step, KERNEL: tl.constexpr):
+    """The smallest tap k with (phase + pad - k * dilation) divisible by stride, or KERNEL if none:
+    the condition repeats with period tap_step, so the first one, if any, lies in [0, tap_step)."""
+    first = tap_step * 0 + KERNEL  # a run-time integer: it is carried through the loop
+    for k in range(0, tap_step):
+        hit = ((phase + pad - k * dilation) % stride == 0) & (k < KERNEL)
+        first = tl.minimum(first, tl.where(hit, k, KERNEL))
+    return first
+
+
+@triton.jit
+def _referenced_fill(gp_ptr, n, c, mask_m, mask_n, CP, sgn, sgc, inv_hw,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FILL_POOLED: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What the referenced channels c >= CP receive: nothing from the convolution (the point of DFS),
+    and in the fused stage the exit's gradient gp / (H * W), which reaches exactly these channels.
+    gp is [N, C_in]: 32-bit offsets suffice, and spare registers that the epilogue is short of."""
+    if FILL_POOLED:
+        mask = mask_m[:, None] & (mask_n & (c >= CP))[None, :]
+        return tl.load(gp_ptr + n[:, None] * sgn + c[None, :] * sgc, mask=mask, other=0.0).to(ACC_DTYPE) * inv_hw
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _conv_input_grad_kernel(
     dy_ptr,  # [N, C_out, H_out, W_out] gradient of the output, any strides
     w_ptr,  # [C_out, C_in / groups, KH, KW], any strides
@@ -49,6 +78,7 @@ def _conv_input_grad_kernel(
     sgn, sgc,  # strides of gp
     sdxn, sdxc, sdxh, sdxw,  # strides of dx
     SH, SW, PH, PW, DH, DW,  # stride, padding, dilation of the forward convolution
+    TAP_STEP_H, TAP_STEP_W,  # SH / gcd(SH, DH), SW / gcd(SW, DW): period of a phase's taps
     KH: tl.constexpr, KW: tl.constexpr,
     DY_PIXELS_CONTIGUOUS: tl.constexpr, DX_PIXELS_CONTIGUOUS: tl.constexpr,  # NCHW dy / dx (see load_tile)
     FILL_POOLED: tl.constexpr,  # fill [CP, C_in) with gp / (H * W) instead of zeros
@@ -84,52 +114,53 @@ def _conv_input_grad_kernel(
     c = group * CIN_G + offs_n
     mask_n = offs_n < CIN_G
     shared = c < CP
-    mask = mask_m[:, None] & mask_n[None, :]
-    dx_rows = n64 * sdxn + ih * sdxh + iw * sdxw  # [BLOCK_M]
-
-    # What the referenced channels receive: nothing from the convolution (the point of DFS), and in
-    # the fused stage the exit's gradient, which reaches exactly these channels.
-    if FILL_POOLED:
-        fill = tl.load(
-            gp_ptr + n64[:, None] * sgn + c[None, :] * sgc, mask=mask & (c >= CP)[None, :], other=0.0
-        ).to(ACC_DTYPE) * inv_hw
-    else:
-        fill = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-
     if group * CIN_G + pid_n * BLOCK_N >= CP:
         # A tile of referenced channels only: fill it, no GEMM.
+        fill = _referenced_fill(gp_ptr, n, c, mask_m, mask_n, CP, sgn, sgc, inv_hw, BLOCK_M, BLOCK_N,
+                                FILL_POOLED, ACC_DTYPE)
+        dx_rows = n64 * sdxn + ih * sdxh + iw * sdxw  # [BLOCK_M]
         store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n, fill.to(dx_ptr.dtype.element_ty), DX_PIXELS_CONTIGUOUS)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        # This phase's taps: kh0, kh0 + TAP_STEP_H, ... (none when kh0 >= KH), the same along W.
+        kh0 = _first_tap(phase_h, PH, DH, SH, TAP_STEP_H, KH)
+        kw0 = _first_tap(phase_w, PW, DW, SW, TAP_STEP_W, KW)
+        taps_w = tl.cdiv(KW - kw0, TAP_STEP_W)
         num_kb = tl.cdiv(COUT_G, BLOCK_K)
-        for it in range(0, KH * KW * num_kb):
+        # One flat loop over (tap, channel block), as in the forward: only the innermost loop is pipelined.
+        for it in range(0, tl.cdiv(KH - kh0, TAP_STEP_H) * taps_w * num_kb):
             tap = it // num_kb
             k0 = (it % num_kb) * BLOCK_K
-            kh = tap // KW
-            kw = tap % KW
-            # oh * SH = ih + PH - kh * DH: whole for every pixel of the phase, or for none.
-            num_h = phase_h + PH - kh * DH
-            num_w = phase_w + PW - kw * DW
-            if (num_h % SH == 0) & (num_w % SW == 0):
-                # Exact divisions, so truncating and flooring division agree for negative num_h.
-                oh = th + num_h // SH
-                ow = tw + num_w // SW
-                valid = mask_m & (oh >= 0) & (oh < H_out) & (ow >= 0) & (ow < W_out)
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < COUT_G
-                co = group * COUT_G + offs_k
-                a = load_tile(dy_ptr, n64 * sdyn + oh * sdyh + ow * sdyw, co * sdyc, valid, mask_k,
-                              DY_PIXELS_CONTIGUOUS)  # [BLOCK_M, BLOCK_K]
-                # Weights of referenced channels are never read: a tile straddling CP computes
-                # zeros there, replaced by the fill below.
-                b = tl.load(
-                    w_ptr + co[:, None] * swo + offs_n[None, :] * swc + kh * swh + kw * sww,
-                    mask=mask_k[:, None] & (mask_n & shared)[None, :],
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_N]
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        acc = tl.where(shared[None, :], acc, fill)
-        store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n, acc.to(dx_ptr.dtype.element_ty), DX_PIXELS_CONTIGUOUS)
+            kh = kh0 + (tap // taps_w) * TAP_STEP_H
+            kw = kw0 + (tap % taps_w) * TAP_STEP_W
+            # oh * SH = ih + PH - kh * DH, a whole number for every pixel of the phase at these taps;
+            # exact divisions, so truncating and flooring division agree for negative numerators.
+            oh = th + (phase_h + PH - kh * DH) // SH
+            ow = tw + (phase_w + PW - kw * DW) // SW
+            valid = mask_m & (oh >= 0) & (oh < H_out) & (ow >= 0) & (ow < W_out)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < COUT_G
+            co = group * COUT_G + offs_k
+            a = load_tile(dy_ptr, n64 * sdyn + oh * sdyh + ow * sdyw, co * sdyc, valid, mask_k,
+                          DY_PIXELS_CONTIGUOUS)  # [BLOCK_M, BLOCK_K]
+            # Weights of referenced channels are never read: a tile straddling CP computes
+            # zeros there, which are not stored (the fill is, below).
+            b = tl.load(
+                w_ptr + co[:, None] * swo + offs_n[None, :] * swc + kh * swh + kw * sww,
+                mask=mask_k[:, None] & (mask_n & shared)[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_N]
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        dx_rows = n64 * sdxn + ih * sdxh + iw * sdxw  # computed after the loop: fewer registers live in it
+        store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n & shared, acc.to(dx_ptr.dtype.element_ty),
+                   DX_PIXELS_CONTIGUOUS)
+        if group * CIN_G + pid_n * BLOCK_N + BLOCK_N > CP:
+            # The tile straddling CP: its referenced channels get the fill, stored once the
+            # accumulator's registers are free (merging the two in registers spilled).
+            fill = _referenced_fill(gp_ptr, n, c, mask_m, mask_n, CP, sgn, sgc, inv_hw, BLOCK_M, BLOCK_N,
+                                FILL_POOLED, ACC_DTYPE)
+            store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n & (c >= CP), fill.to(dx_ptr.dtype.element_ty),
+                       DX_PIXELS_CONTIGUOUS)
 
 
 _conv_input_grad = triton.autotune(configs=_common.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=_KEY)(_conv_input_grad_kernel)
@@ -173,6 +204,7 @@ def conv2d_input_grad(
         *(grad_pooled.stride() if grad_pooled is not None else (0, 0)),
         *grad_input.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]),
         KH=kh, KW=kw, DY_PIXELS_CONTIGUOUS=_common.pixels_contiguous(grad_output),
         DX_PIXELS_CONTIGUOUS=_common.pixels_contiguous(grad_input), FILL_POOLED=grad_pooled is not None,
         DOT_PRECISION=_common.dot_precision(grad_output.dtype, allow_tf32),
