@@ -88,8 +88,8 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
-        x = input.float()
-        local_count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half inputs: float32 statistics
+        local_count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device, dtype=x.dtype)
         sums = _all_reduce_sum(torch.cat([x.sum(dim=(0, 2, 3)), local_count]))
         count = sums[-1].detach()
         mean = sums[:-1] / count
