@@ -39,16 +39,20 @@ def test_digits_without_sklearn_names_the_install(monkeypatch):
         load_digits()
 
 
-def _write_fake_cifar(folder, train_n=6, test_n=4):
-    os.makedirs(folder)
+def _write_fake_cifar(folder, train_n=6, test_n=4, *, protocol=4, data=None, labels=None):
+    """A CIFAR-100 python-pickle folder; ``data`` / ``labels`` replace the train split's fields."""
+    os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     for name, n in (("train", train_n), ("test", test_n)):
         record = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                   b"fine_labels": [int(v) for v in rng.integers(0, 100, n)], b"coarse_labels": [0] * n}
+        if name == "train":
+            record[b"data"] = record[b"data"] if data is None else data
+            record[b"fine_labels"] = record[b"fine_labels"] if labels is None else labels
         with open(os.path.join(folder, name), "wb") as handle:
-            pickle.dump(record, handle, protocol=4)
+            pickle.dump(record, handle, protocol=protocol)
     with open(os.path.join(folder, "meta"), "wb") as handle:
-        pickle.dump({b"fine_label_names": [b"x"] * 100}, handle, protocol=4)
+        pickle.dump({b"fine_label_names": [b"x"] * 100}, handle, protocol=protocol)
 
 
 def test_fake_cifar_folder_loads(tmp_path):
@@ -57,6 +61,30 @@ def test_fake_cifar_folder_loads(tmp_path):
         splits = load_cifar100(str(data_dir))
         assert splits.train.tensors[0].shape == (6, 3, 32, 32) and splits.test.tensors[1].shape == (4,)
         assert len(splits.val) == 0 and splits.num_classes == 100 and splits.mean == CIFAR100_MEAN
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_scalar_labels_load_through_the_restricted_unpickler(tmp_path, protocol):
+    labels = [np.int64(v) for v in (0, 99, 5, 7, 1, 2)]
+    _write_fake_cifar(tmp_path / "cifar-100-python", protocol=protocol, labels=labels)
+    splits = load_cifar100(str(tmp_path))
+    assert splits.train.tensors[1].tolist() == [0, 99, 5, 7, 1, 2]
+
+
+@pytest.mark.parametrize("field, data, labels, message", [
+    ("data", np.full((6, 3072), 0.5, dtype=np.float32), None, r"field 'data' must be a numpy array of uint8.*float32"),
+    ("data", np.full((6, 3072), 300, dtype=np.int16), None, r"field 'data' must hold pixel values in \[0, 255\]"),
+    ("data", np.zeros((6, 32, 32, 3), dtype=np.uint8), None, r"field 'data' must be \[N, 3072\]"),
+    ("data", [[0] * 3072] * 6, None, r"field 'data' must be a numpy array.*list"),
+    ("fine_labels", None, [0, 1, 2, 3, 4, 100], r"field 'fine_labels' must be in \[0, 100\), got \[0, 100\]"),
+    ("fine_labels", None, [0, 1, 2, 3, 4, -1], r"field 'fine_labels' must be in \[0, 100\)"),
+    ("fine_labels", None, [0, 1, 2], r"field 'fine_labels' has 3 labels for 6 images"),
+    ("fine_labels", None, [0.5] * 6, r"field 'fine_labels' must be a list of integers"),
+])
+def test_cifar_loader_validates_each_field_naming_the_file(tmp_path, field, data, labels, message):
+    _write_fake_cifar(tmp_path / "cifar-100-python", data=data, labels=labels)
+    with pytest.raises(ValueError, match=r"cifar-100-python/train: " + message):
+        load_cifar100(str(tmp_path))
 
 
 class _Evil:
@@ -71,6 +99,11 @@ def test_restricted_unpickler_rejects_crafted_pickle(tmp_path):
         pickle.dump({b"data": _Evil(), b"fine_labels": []}, handle, protocol=4)
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global (os|posix)\.system"):
         load_cifar100(str(tmp_path))
+    for protocol in (2, 5):  # an object array would carry arbitrary objects: refused at its dtype
+        with open(folder / "train", "wb") as handle:
+            pickle.dump({b"data": np.array([1, "x"], dtype=object), b"fine_labels": []}, handle, protocol=protocol)
+        with pytest.raises(pickle.UnpicklingError, match="refusing"):
+            load_cifar100(str(tmp_path))
 
 
 def test_missing_cifar_names_the_files(tmp_path):
