@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from ..models import build_model
 from . import build_strategy, distributed
 from .augment import Augmentation, recipe_augmentation
-from .checkpoint import load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
+                         set_rng_state)
 from .data import load_dataset
 from .loader import make_source, rank_batches, shard_batches
 
@@ -195,24 +196,61 @@ def _build(config: TrainConfig, num_classes: int, device: torch.device, job: dis
     return _Run(model, model, optimizer, scheduler, scaler, strategy)
 
 
-def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device) -> tuple[int, int, object, list]:
-    """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from."""
+def _kind(value) -> str:
+    for kind, types in (("a number", (int, float)), ("a dict", dict), ("a list", (list, tuple)),
+                        ("a tensor", torch.Tensor), ("a string", str)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _check_like(saved: dict, fresh: dict) -> None:
+    """TypeError unless ``saved`` has the keys of ``fresh`` (a state_dict of this run) with values of the
+    same kind: some ``load_state_dict``s store whatever they get and fail steps later."""
+    if set(saved) != set(fresh):
+        raise TypeError(f"keys {sorted(saved)}, expected {sorted(fresh)}")
+    for key, value in fresh.items():
+        if value is not None and saved[key] is not None and _kind(saved[key]) != _kind(value):
+            raise TypeError(f"{key!r} is {_kind(saved[key])}, expected {_kind(value)}")
+
+
+def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
+            steps_per_epoch: int) -> tuple[int, int, object, list]:
+    """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from.
+    ValueError naming the file and the field for a checkpoint that does not fit this run."""
     state = load_checkpoint(path, map_location=device)
     saved = state["config"]
     changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
     if changed:
         raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
                          f"({[saved.get(key) for key in changed]} there); use another --out")
+    epoch, step, history = state["epoch"], state["step"], list(state.get("history", []))
+    if epoch > config.epochs:
+        raise ValueError(f"checkpoint {path}: field 'epoch' is {epoch}, past the run's {config.epochs} epochs")
+    if step >= steps_per_epoch:
+        raise ValueError(f"checkpoint {path}: field 'step' is {step}, past the end of an epoch of "
+                         f"{steps_per_epoch} steps")
+    if len(history) != epoch:
+        raise ValueError(f"checkpoint {path}: field 'history' has {len(history)} epochs, field 'epoch' says {epoch}")
+    loss_sums = state.get("loss_sums")
+    exits = len(run.model.exit_modules())
+    if step > 0 and (loss_sums is None or loss_sums.shape != (exits,)):
+        raise ValueError(f"checkpoint {path}: field 'loss_sums' must be a tensor [{exits}] (one sum per exit) "
+                         f"mid-epoch, got {None if loss_sums is None else list(loss_sums.shape)}")
     restore_model(run.model, state["model"], path)
+    for field, target in (("optimizer", run.optimizer), ("scheduler", run.scheduler), ("scaler", run.scaler),
+                          ("strategy", run.strategy)):
+        try:
+            _check_like(state.get(field, {}), target.state_dict())
+            target.load_state_dict(state.get(field, {}))
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
+            raise ValueError(f"checkpoint {path}: field {field!r} does not match this run: "
+                             f"{type(error).__name__}: {error}") from error
     try:
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.scaler.load_state_dict(state["scaler"])
-        run.strategy.load_state_dict(state.get("strategy", {}))
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"checkpoint {path} does not match this run: {error}") from error
-    set_rng_state(state["rng"])
-    return state["epoch"], state["step"], state.get("loss_sums"), list(state.get("history", []))
+        set_rng_state(state["rng"])
+    except (ValueError, RuntimeError, TypeError, OverflowError) as error:
+        raise ValueError(f"checkpoint {path}: field 'rng' cannot be restored: {error}") from error
+    return epoch, step, loss_sums, history
 
 
 def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
@@ -239,7 +277,7 @@ def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
 def _train(config: TrainConfig, job: distributed.Distributed, device: torch.device, on_epoch, on_step) -> dict:
     checkpoint_path = os.path.join(config.out, "last.pt")
     if job.is_main:
-        os.makedirs(config.out, exist_ok=True)
+        check_writable(config.out)  # before any work: a run must not learn this at its first checkpoint
     _seed_everything(config.seed)
     splits = load_dataset(config.dataset, config.data_dir, seed=config.seed,
                           synthetic_samples=config.synthetic_samples)
@@ -249,7 +287,10 @@ def _train(config: TrainConfig, job: distributed.Distributed, device: torch.devi
     run = _build(config, splits.num_classes, device, job)
     start_epoch, start_step, resumed_sums, history = 0, 0, None, []
     if config.resume and os.path.exists(checkpoint_path):
-        start_epoch, start_step, resumed_sums, history = _resume(run, config, checkpoint_path, device)
+        steps_per_epoch = len(rank_batches(len(source), config.batch_size, epoch=0, seed=config.seed,
+                                           rank=job.rank, world_size=job.world_size))
+        start_epoch, start_step, resumed_sums, history = _resume(run, config, checkpoint_path, device,
+                                                                 steps_per_epoch)
     if job.enabled:
         run.runner = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
