@@ -2,7 +2,9 @@
 
 ``flavour="dsn"`` is the plain multi-exit network, ``"dfs_eager"`` Deep Feature Surgery written with
 ``dfs_kernels.reference``, ``"dfs"`` DFS through the package's ops (``backend=``). One state_dict
-loads into every flavour and the forward outputs are equal; only the backward differs. Every model
+loads into every flavour and the forward outputs are equal (in training mode under the same RNG seed:
+MSDNet's classifiers drop out); only the backward differs. ResNet-18 and MSDNet initialize as the
+reference code does (see their classes), VGG with PyTorch's defaults. Every model
 returns its exits' logits as a list ordered shallow to deep; ``model(x, return_features=True)``
 returns ``(logits, features)``, where features are the distillation features of ResNet-18 (the
 adaptation outputs of exits 1-3 and the pooled final feature) and None for VGG and MSDNet, which have
