@@ -1,4 +1,4 @@
-"""Trainer pieces: datasets, the restricted CIFAR unpickler, atomic checkpoints, exact resume, the CLI."""
+"""Trainer pieces: datasets, the restricted CIFAR unpickler, atomic checkpoints, exact resume, DDP, the CLI."""
 
 import dataclasses
 import json
@@ -167,7 +167,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_cli_one_epoch_on_synthetic(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, os.path.join(ROOT, "python", "train.py"), "--model", "vgg7", "--dataset",
+    command = [sys.executable, "-m", "dfs_kernels.cli.train", "--model", "vgg7", "--dataset",
                "synthetic", "--synthetic-samples", "32", "--strategy", "dfs", "--epochs", "1", "--batch-size",
                "16", "--device", "cpu", "--no-progress", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)

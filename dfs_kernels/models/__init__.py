@@ -35,14 +35,24 @@ MODELS = {
     "msdnet_imagenet": _msdnet_imagenet,
 }
 """Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet."""
+MODEL_ALIASES = {"vgg7_64": "vgg7", "vgg16_64": "vgg16"}
+"""Factory names accepted for the registry name they build."""
+
+
+def canonical_model_name(name: str) -> str:
+    """The registry name of ``name`` (a ``MODELS`` key or a factory name of ``MODEL_ALIASES``); ValueError
+    listing the choices otherwise."""
+    name = MODEL_ALIASES.get(name, name)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} (or {sorted(MODEL_ALIASES)})")
+    return name
 
 
 def build_model(name: str, **kwargs) -> MultiExitNetwork:
-    """The model registered as ``name`` (see ``MODELS``), built with the factory's keyword arguments
-    (``num_classes``, ``flavour``, ``beta``, ``backend``, ``exit_grad``; MSDNet also ``growth_rate``)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    """The model registered as ``name`` (see ``MODELS``; factory names such as "vgg7_64" work too), built with
+    the factory's keyword arguments (``num_classes``, ``flavour``, ``beta``, ``backend``, ``exit_grad``;
+    MSDNet also ``growth_rate``)."""
+    return MODELS[canonical_model_name(name)](**kwargs)
 
 
 __all__ = [
@@ -50,12 +60,14 @@ __all__ = [
     "EXIT_GRADS",
     "FLAVOURS",
     "MODELS",
+    "MODEL_ALIASES",
     "MSDNet",
     "MultiExitNetwork",
     "MultiExitResNet18",
     "MultiExitVGG",
     "blockwise_view",
     "build_model",
+    "canonical_model_name",
     "msdnet",
     "resnet18",
     "vgg16_64",

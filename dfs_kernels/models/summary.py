@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import MODELS, MultiExitNetwork, build_model
+from . import MODEL_ALIASES, MODELS, MultiExitNetwork, build_model, canonical_model_name
 
 
 def exit_costs(model: MultiExitNetwork, batch_size: int = 1) -> list[dict[str, int]]:
@@ -98,10 +98,11 @@ def format_table(name: str, costs: list[dict[str, int]], total_params: int,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="vgg7")
+    parser.add_argument("--model", choices=sorted(MODELS) + sorted(MODEL_ALIASES), default="vgg7")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the model's dataset (100 or 1000)")
     parser.add_argument("--growth-rate", type=int, default=None, help="MSDNet only")
     args = parser.parse_args(argv)
+    args.model = canonical_model_name(args.model)
     kwargs = {"flavour": "dsn"}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes

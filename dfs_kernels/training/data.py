@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 DATASETS = ("digits", "synthetic", "cifar100", "imagenet")
+IN_MEMORY_DATASETS = ("digits", "synthetic")
+"""The datasets that are not read from a data directory."""
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -24,10 +24,12 @@ otherwise; the augmentation follows the recipe too (``augment.recipe_augmentatio
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -35,12 +37,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..models import build_model
-from . import build_strategy, distributed
+from .. import BackendUnavailableError, available_backends, unavailable_reason
+from ..backends import check_backend_name
+from ..models import build_model, canonical_model_name
+from . import STRATEGIES, build_strategy, distributed
 from .augment import Augmentation, recipe_augmentation
 from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
                          set_rng_state)
-from .data import load_dataset
+from .data import DATASETS, IN_MEMORY_DATASETS, load_dataset
 from .loader import make_source, rank_batches, shard_batches
 
 RECIPE_MILESTONES = {"vgg7": (270, 280, 295), "vgg16": (270, 280, 295)}
@@ -101,6 +105,47 @@ class TrainConfig:
     progress: bool = True
     synthetic_samples: int = 64
     strategy_kwargs: dict = field(default_factory=dict)
+
+
+def flavour_of(config: TrainConfig) -> str:
+    """The model flavour ``config`` trains: its ``flavour``, else "dfs" for the dfs strategy and "dsn" otherwise."""
+    return config.flavour or ("dfs" if config.strategy == "dfs" else "dsn")
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with the model's registry name, once every option has been checked against the others and
+    against this machine, before any data or model is set up. ValueError for a bad or ignored option (such
+    as ``backend`` or ``beta`` with a strategy whose flavour uses no DFS op), ``BackendUnavailableError``
+    with what can run here for a backend that cannot; UserWarning for dataset options the dataset ignores."""
+    if config.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {list(DATASETS)}")
+    config = dataclasses.replace(config, model=canonical_model_name(config.model))
+    check_backend_name(config.backend)
+    flavour = flavour_of(config)
+    if flavour != "dfs" and config.backend != "auto":
+        raise ValueError(f"backend {config.backend!r} has no effect: strategy {config.strategy!r} trains the "
+                         f"{flavour!r} flavour, which runs no DFS op (only the 'dfs' flavour does: strategy 'dfs')")
+    if flavour == "dsn" and config.beta != TrainConfig.beta:
+        raise ValueError(f"beta {config.beta} has no effect: strategy {config.strategy!r} trains the 'dsn' "
+                         "flavour, which shares no channels (strategy 'dfs' does)")
+    if config.data_dir is not None and config.dataset in IN_MEMORY_DATASETS:
+        warnings.warn(f"data_dir is ignored: dataset {config.dataset!r} is not read from files", stacklevel=2)
+    if config.synthetic_samples != TrainConfig.synthetic_samples and config.dataset != "synthetic":
+        warnings.warn(f"synthetic_samples is ignored by dataset {config.dataset!r}", stacklevel=2)
+    device = distributed.check_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if flavour == "dfs" and config.backend != "auto":
+        reason = unavailable_reason(config.backend, device)
+        if reason is not None:
+            runnable = ", ".join(repr(name) for name in ["auto", *available_backends(device)])
+            raise BackendUnavailableError(f"backend {config.backend!r} cannot run on {device.type}: {reason}. "
+                                          f"On this machine use one of {runnable}")
+    return config
 
 
 def scaled_milestones(model: str, epochs: int) -> list[int]:
@@ -177,8 +222,7 @@ class _Run:
 
 
 def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed) -> _Run:
-    flavour = config.flavour or ("dfs" if config.strategy == "dfs" else "dsn")
-    model = build_model(config.model, num_classes=num_classes, flavour=flavour, beta=config.beta,
+    model = build_model(config.model, num_classes=num_classes, flavour=flavour_of(config), beta=config.beta,
                         backend=config.backend)
     if job.enabled and config.sync_bn:
         model = distributed.synchronize_batch_norm(model, device)
@@ -258,10 +302,7 @@ def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
     ``on_step(epoch, step)`` on every rank after each step (and its checkpoint, if one is due). Returns
     ``{"config": ..., "epochs": [per-epoch records]}``, as written to metrics.json. A record holds
     epoch, lr, loss, seconds, train_loss (per exit, mean over batches), val_acc and test_acc (per exit, %)."""
-    if config.amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
-    if config.checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
+    config = check_config(config)
     started_group = not torch.distributed.is_initialized()
     job, device = distributed.setup(config.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
