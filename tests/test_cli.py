@@ -107,11 +107,16 @@ def test_options_a_strategy_ignores_are_refused(argv, message, tmp_path, capsys,
     assert message in _usage_error([*argv, "--device", "cpu", "--out", str(tmp_path)], capsys, monkeypatch)
 
 
-def test_dataset_options_the_dataset_ignores_warn(tmp_path):
-    with pytest.warns(UserWarning, match="data_dir is ignored: dataset 'synthetic'"):
-        check_config(TrainConfig(dataset="synthetic", data_dir=str(tmp_path), device="cpu"))
-    with pytest.warns(UserWarning, match="synthetic_samples is ignored by dataset 'digits'"):
-        check_config(TrainConfig(dataset="digits", synthetic_samples=8, device="cpu"))
+@pytest.mark.parametrize("options, message", [
+    (dict(dataset="synthetic", data_dir="/data"), "data_dir is ignored: dataset 'synthetic'"),
+    (dict(dataset="digits", synthetic_samples=8), "synthetic_samples is ignored by dataset 'digits'"),
+    (dict(dataset="cifar100", workers=8), "workers is ignored: dataset 'cifar100' is batched in memory"),
+    (dict(sync_bn=False), "sync_bn=False has no effect in a one-process run"),
+])
+def test_options_without_effect_warn(options, message, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match=message):
+        check_config(TrainConfig(device="cpu", **options))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -116,7 +116,8 @@ def check_config(config: TrainConfig) -> TrainConfig:
     """``config`` with the model's registry name, once every option has been checked against the others and
     against this machine, before any data or model is set up. ValueError for a bad or ignored option (such
     as ``backend`` or ``beta`` with a strategy whose flavour uses no DFS op), ``BackendUnavailableError``
-    with what can run here for a backend that cannot; UserWarning for dataset options the dataset ignores."""
+    with what can run here for a backend that cannot; UserWarning for options that have no effect on this run
+(dataset options the dataset ignores, ``sync_bn=False`` without several processes)."""
     if config.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
     if config.checkpoint_every < 0:
@@ -138,6 +139,11 @@ def check_config(config: TrainConfig) -> TrainConfig:
         warnings.warn(f"data_dir is ignored: dataset {config.dataset!r} is not read from files", stacklevel=2)
     if config.synthetic_samples != TrainConfig.synthetic_samples and config.dataset != "synthetic":
         warnings.warn(f"synthetic_samples is ignored by dataset {config.dataset!r}", stacklevel=2)
+    if config.workers != TrainConfig.workers and config.dataset != "imagenet":
+        warnings.warn(f"workers is ignored: dataset {config.dataset!r} is batched in memory (only imagenet uses "
+                      "loader workers)", stacklevel=2)
+    if not config.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        warnings.warn("sync_bn=False has no effect in a one-process run (no torchrun)", stacklevel=2)
     device = distributed.check_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if flavour == "dfs" and config.backend != "auto":
         reason = unavailable_reason(config.backend, device)
