@@ -51,6 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Kineto (the profiler behind the CPU peak-memory measurement) prints "USDT ... profiler_start/stop"
+# for every profiled step, at a level above its errors; 6 silences them. Read when the profiler first
+# starts, so setting it here, after importing torch, is in time.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 try:
@@ -59,7 +64,9 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(BENCH_DIR.parent))
     import dfs_kernels
 from dfs_kernels import models  # noqa: E402
+from dfs_kernels.cli._common import HelpFormatter  # noqa: E402
 from dfs_kernels.nn import PartitionedConv2d  # noqa: E402
+from dfs_kernels.training.distributed import check_device  # noqa: E402
 
 from _timing import PhaseClock, linear_fit, median, peak_step_memory  # noqa: E402
 
@@ -99,13 +106,14 @@ class Variant:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(models.MODELS), default="vgg7")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--model", choices=sorted(models.MODELS) + sorted(models.MODEL_ALIASES), default="vgg7",
+                        help="multi-exit network (factory names such as vgg7_64 work too)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: by model and device")
-    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=0.5, help="DFS shared fraction of channels")
     parser.add_argument("--beta-sweep", action="store_true",
                         help=f"also time dfs at beta in {BETA_SWEEP} at the largest batch size")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16 runs forward and loss under autocast")
     parser.add_argument("--channels-last", action="store_true")
@@ -113,12 +121,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, help="timed steps per variant (default: 40 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int,
                         help="untimed steps per variant first (default: 3 CPU, 10 GPU; at least 5 with --compile)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     parser.add_argument("--output", type=Path,
                         help="JSON path (default: bench/results/train_step_<model>_<device>_<time>.json)")
     parser.add_argument("--plot", action="store_true", help="write PNG figures beside the JSON")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
+    args.model = models.canonical_model_name(args.model)
+    try:
+        args.device = check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     device_type = "cuda" if args.device.type == "cuda" else "cpu"
     warmup, iterations = DEFAULT_STEPS[device_type]
     if args.compile:  # the first steps compile (forward, backward) and may recompile once

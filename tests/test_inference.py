@@ -1,9 +1,8 @@
 """Inference: threshold fitting and budgeted evaluation on hand-made confidences, cumulative exit FLOPs,
-the early-exit runner against the simulated evaluation (decisions and FLOPs), and python/anytime.py."""
+the early-exit runner against the simulated evaluation (decisions and FLOPs), and the dfs-anytime program."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dfs_kernels import inference
+from dfs_kernels.cli import anytime
 from dfs_kernels.inference import ExitOutputs
 from dfs_kernels.models import build_model, summary
 from dfs_kernels.training.trainer import TrainConfig, train
@@ -162,7 +162,7 @@ def test_early_exit_runner_matches_the_simulated_evaluation(name, kwargs):
         assert counted == pytest.approx(simulated_cost * len(images), rel=1e-12)
 
 
-# --- python/anytime.py ------------------------------------------------------------------------------
+# --- dfs-anytime (dfs_kernels.cli.anytime) ------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -174,9 +174,9 @@ def test_anytime_cli_on_two_runs(tmp_path):
                           batch_size=16, out=out, progress=False))
         runs.append(out)
     prefix = str(tmp_path / "results" / "anytime")
-    command = [sys.executable, os.path.join(REPO, "python", "anytime.py"), *runs, "--out", prefix,
+    command = [sys.executable, "-m", "dfs_kernels.cli.anytime", *runs, "--out", prefix,
                "--runner-p", "0.5", "1.5", "--repeats", "1", "--no-progress"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert completed.returncode == 0, completed.stderr
 
     with open(prefix + ".json") as handle:
@@ -200,10 +200,7 @@ def test_anytime_cli_on_two_runs(tmp_path):
 
 
 def test_anytime_cli_fits_thresholds_on_held_out_train_images_without_a_val_split():
-    spec = importlib.util.spec_from_file_location("anytime_cli", os.path.join(REPO, "python", "anytime.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     empty = TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
     train_set = TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10))
-    subset, description = cli.threshold_split(SimpleNamespace(train=train_set, val=empty), holdout=4)
+    subset, description = anytime.threshold_split(SimpleNamespace(train=train_set, val=empty), holdout=4)
     assert torch.equal(subset.tensors[1], torch.arange(6, 10)) and description.startswith("train[-4:]")

@@ -1,6 +1,8 @@
 """The multi-exit models: one state_dict for all flavours, equal forwards, "dfs" gradients equal to
 "dfs_eager" (the literal reference) for every parameter, DFS gradients different from DSN's, and
-``beta=1, exit_grad="all"`` reducing DFS to DSN. Float64 on tiny batches so equality is tight."""
+``beta=1, exit_grad="all"`` reducing DFS to DSN. Float64 on tiny batches so equality is tight.
+MSDNet's classifiers drop out in training mode: training-mode forwards that are compared run from
+the same RNG seed, so every flavour draws the same dropout masks."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def build_flavours(name: str, *, beta: float, **kwargs) -> dict[str, torch.nn.Mo
 def train_step_outputs(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
     """Logits of every exit and the gradient of every parameter for the summed exit losses."""
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same dropout masks (MSDNet) in every flavour
     logits = model(images)
     sum(F.cross_entropy(exit_logits, labels) for exit_logits in logits).backward()
     grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
@@ -146,7 +149,65 @@ def test_summary_costs_are_cumulative(capsys):
 
     summary.main(["--model", "msdnet"])
     printed = capsys.readouterr().out
-    assert "msdnet: 7 exits" in printed and "GFLOPs" in printed
+    assert "msdnet: 7 exits" in printed and "GFLOPs" in printed and "training only" not in printed
+
+
+def test_summary_says_why_resnet18_total_exceeds_the_last_exit(capsys):
+    model = models.build_model("resnet18", flavour="dsn")
+    total = sum(p.numel() for p in model.parameters())
+    unused = summary.unused_at_inference(model)
+    assert sorted(unused) == [f"exits.{k}.adaptation" for k in range(3)]
+    assert sum(unused.values()) == total - summary.exit_costs(model)[-1]["params"] == 3 * (512 * 512 + 512)
+    summary.main(["--model", "resnet18"])
+    printed = capsys.readouterr().out
+    assert f"of which {sum(unused.values()) / 1e6:.3f} M are used in training only" in printed
+    assert "exits.0.adaptation" in printed
+
+
+def test_msdnet_classifiers_drop_out_before_the_linear_layer_as_the_reference():
+    torch.manual_seed(0)
+    model = models.build_model("msdnet", num_classes=10, growth_rate=2, flavour="dsn")
+    for classifier in model.classifier:
+        dropout, linear = classifier.linear
+        assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.5 and isinstance(linear, torch.nn.Linear)
+    keys = model.state_dict().keys()
+    assert "classifier.0.linear.1.weight" in keys and "classifier.0.linear.weight" not in keys
+    images = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert_all_equal(model(images), model(images))  # eval: no dropout
+        model.train()
+        first, second = model(images), model(images)
+    assert not any(torch.equal(a, b) for a, b in zip(first, second))  # training: dropout is active
+    # classifiers saved without the dropout (keys linear.weight / linear.bias) load into linear.1
+    legacy = {key.replace("linear.1.", "linear."): value for key, value in model.state_dict().items()}
+    other = models.build_model("msdnet", num_classes=10, growth_rate=2, flavour="dfs")
+    other.load_state_dict(legacy)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+
+
+def _conv_std_is_reference(conv: torch.nn.Conv2d) -> bool:
+    """std(weight) within 5% of sqrt(2 / (kH * kW * out_channels)), for convs large enough to tell."""
+    expected = (2.0 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels)) ** 0.5
+    return abs(conv.weight.std().item() / expected - 1) < 0.05
+
+
+@pytest.mark.parametrize("name", ["resnet18", "msdnet"])
+def test_resnet18_and_msdnet_initialize_as_the_reference_code(name):
+    torch.manual_seed(0)
+    for flavour in models.FLAVOURS:
+        model = models.build_model(name, flavour=flavour)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 20000]
+        assert len(convs) >= 5 and all(_conv_std_is_reference(conv) for conv in convs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                assert torch.equal(module.weight, torch.ones_like(module.weight))
+                assert torch.equal(module.bias, torch.zeros_like(module.bias))
+            if name == "msdnet" and isinstance(module, torch.nn.Linear):
+                assert torch.equal(module.bias, torch.zeros_like(module.bias))
+    vgg = models.build_model("vgg7", flavour="dsn")  # other models keep PyTorch's defaults
+    big = [m for m in vgg.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 20000]
+    assert big and not any(_conv_std_is_reference(conv) for conv in big)
 
 
 def test_dfs_flavour_is_built_from_the_package_modules():
@@ -184,7 +245,10 @@ def test_blockwise_view_reproduces_the_forward(name, kwargs, flavour):
     for training in (True, False):  # BatchNorm with batch statistics, then with running ones
         model.train(training)
         with torch.no_grad():
-            assert_all_equal(run_blockwise(view.blocks, view.heads, images), model(images))
+            torch.manual_seed(2)  # MSDNet's dropout: the same masks in both runs
+            blockwise = run_blockwise(view.blocks, view.heads, images)
+            torch.manual_seed(2)
+            assert_all_equal(blockwise, model(images))
             if name == "resnet18":
                 pairs = run_blockwise(view.blocks, view.feature_heads, images)
                 logits, features = model(images, return_features=True)

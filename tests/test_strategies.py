@@ -159,8 +159,10 @@ def test_bdl_on_msdnet_matches_windowed_sum(flavour):
     images, labels = batch(2, 32)
     strategy = BlockDependentLosses(3, include_final=True)
     parameter_owners = owners(model, model.blocks, model.classifier)
+    torch.manual_seed(2)  # the classifiers' dropout: the same masks in both forwards
     expected = windowed_sum(model, images, labels, strategy.starts(len(model.blocks)), parameter_owners)
     names = [name for name, _ in model.named_parameters()]
+    torch.manual_seed(2)
     assert_all_close(strategy_gradients(strategy, model, images, labels), expected, names)
 
 

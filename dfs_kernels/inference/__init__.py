@@ -9,7 +9,7 @@
   network on the others only, with the same decisions as the simulated evaluation, and its timing.
 - ``plot``: accuracy against average FLOPs for several runs.
 
-``python python/anytime.py RUN_DIR [RUN_DIR ...]`` does all of it for checkpoints of ``python/train.py``.
+``dfs-anytime RUN_DIR [RUN_DIR ...]`` (``dfs_kernels.cli.anytime``) does all of it for checkpoints of ``dfs-train``.
 Models must be in eval mode; FLOPs are counted on the "dsn" flavour (see ``flops``).
 """
 

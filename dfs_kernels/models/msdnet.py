@@ -177,7 +177,15 @@ class ParallelModule(nn.Module):
 
 
 class ClassifierModule(nn.Module):
-    """Two conv 3x3 stride 2 -> BN -> ReLU, AvgPool 2x2, Linear. coarsest scale [N, C, H, W] -> [N, classes]."""
+    """Two conv 3x3 stride 2 -> BN -> ReLU, AvgPool 2x2, Dropout(0.5), Linear, as the DFS code's MSDNet
+    classifier. coarsest scale [N, C, H, W] -> [N, classes].
+
+    Keys: ``m.*`` (convs, BNs) and ``linear.1.weight`` / ``linear.1.bias`` (``linear`` is
+    ``Sequential(Dropout, Linear)``). State dicts with ``linear.weight`` / ``linear.bias`` (classifiers
+    without the dropout, as gfkd/MSDNet-PyTorch writes them) load too.
+    """
+
+    DROPOUT = 0.5
 
     def __init__(self, in_channels: int, inner_channels: int | None, num_classes: int) -> None:
         super().__init__()
@@ -187,10 +195,28 @@ class ClassifierModule(nn.Module):
             ConvBasic(inner, inner, stride=2),
             nn.AvgPool2d(2),
         )
-        self.linear = nn.Linear(inner, num_classes)
+        self.linear = nn.Sequential(nn.Dropout(self.DROPOUT), nn.Linear(inner, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.m(x).flatten(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in ("weight", "bias"):
+            if f"{prefix}linear.{name}" in state_dict:
+                state_dict[f"{prefix}linear.1.{name}"] = state_dict.pop(f"{prefix}linear.{name}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@torch.no_grad()
+def _reference_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+        module.weight.normal_(0, math.sqrt(2.0 / fan_out))
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.zeros_(module.bias)
 
 
 class MSDNet(MultiExitNetwork):
@@ -198,7 +224,9 @@ class MSDNet(MultiExitNetwork):
 
     ``forward(x)``: x [N, 3, H, W] -> ``config.num_blocks`` logits [N, num_classes], shallow to deep.
     ``return_features=True`` returns ``(logits, None)``: MSDNet has no distillation features.
-    Parameters keep PyTorch's default initialization.
+    Initialized as the reference code: conv weights N(0, 2 / (kH * kW * out_channels)), BatchNorm
+    weight 1 and bias 0, Linear bias 0 (Linear weights and the ImageNet stem's conv bias keep PyTorch's
+    defaults). The classifiers' dropout makes training-mode outputs random: compare flavours in eval mode.
     """
 
     def __init__(self, config: MSDNetConfig, num_classes: int, *, flavour: str = "dfs", beta: float = 0.5,
@@ -232,6 +260,7 @@ class MSDNet(MultiExitNetwork):
             coarsest_widths.append(channels * config.growth_factors[-1])
             self.classifier.append(ClassifierModule(coarsest_widths[-1], config.classifier_channels, num_classes))
         self.splits = nn.ModuleList(dfs.split(width) for width in coarsest_widths[:-1])
+        self.apply(_reference_init)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         logits = []

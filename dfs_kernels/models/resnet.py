@@ -108,12 +108,25 @@ class FinalExit(nn.Module):
         return (logits, pooled) if return_feature else logits
 
 
+@torch.no_grad()
+def _reference_init(module: nn.Module) -> None:
+    """The DFS code's ResNet initialization; Linear layers keep PyTorch's default."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class MultiExitResNet18(MultiExitNetwork):
     """ResNet-18 (stem conv3x3 -> BN -> ReLU, no max-pool; BasicBlocks [2, 2, 2, 2]) with 4 exits.
 
     ``forward(x)``: x [N, 3, 32, 32] -> 4 logits [N, num_classes], shallow to deep.
     ``return_features=True`` returns ``(logits, features)``: the adaptation outputs of exits 1-3 and
-    the pooled final feature, each [N, 512], for feature distillation.
+    the pooled final feature, each [N, 512], for feature distillation (the adaptation layers run in
+    training only). Initialized as the reference code: every conv (exits included)
+    ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, BatchNorm weight 1 and bias 0, Linear
+    layers PyTorch's default.
     """
 
     def __init__(self, num_classes: int = 100, *, flavour: str = "dfs", beta: float = 0.5, backend: str = "auto",
@@ -136,6 +149,7 @@ class MultiExitResNet18(MultiExitNetwork):
         self.exits = nn.ModuleList(
             [AttentionExit(width, num_classes) for width in STAGE_WIDTHS[:-1]] + [FinalExit(num_classes)]
         )
+        self.apply(_reference_init)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         x = torch.relu(self.bn1(self.conv1(x)))

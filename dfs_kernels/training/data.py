@@ -31,11 +31,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 DATASETS = ("digits", "synthetic", "cifar100", "imagenet")
+IN_MEMORY_DATASETS = ("digits", "synthetic")
+"""The datasets that are not read from a data directory."""
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_FILES = ("train", "test", "meta")
+CIFAR100_CLASSES = 100
 IMAGENET_FOLDERS = ("train", "val")
 
 
@@ -98,36 +101,70 @@ def load_synthetic(seed: int = 0, num_samples: int = 64, num_classes: int = 4) -
     return Splits(make(num_samples), make(half), make(half), num_classes=num_classes)
 
 
+def _multiarray():
+    try:  # numpy >= 2 moved numpy.core to numpy._core
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        return importlib.import_module("numpy.core.multiarray")
+
+
+def _plain_dtype(*args):
+    """``numpy.dtype(*args)``, refusing object dtypes (their items would be arbitrary Python objects)."""
+    import numpy
+
+    dtype = numpy.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing numpy dtype {dtype} in a dataset pickle: it holds Python objects")
+    return dtype
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it: latin-1 only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r} in a dataset pickle")
+    return text.encode("latin1")
+
+
+def _frombuffer(*args):
+    import numpy
+
+    try:
+        numeric = importlib.import_module("numpy._core.numeric")
+    except ImportError:
+        numeric = importlib.import_module("numpy.core.numeric")
+    if args and numpy.dtype(args[1]).hasobject:
+        raise pickle.UnpicklingError("refusing an object array in a dataset pickle")
+    return numeric._frombuffer(*args)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for the CIFAR pickles that resolves exactly the globals needed to rebuild numpy
-    arrays: ``numpy.core.multiarray._reconstruct`` (and its numpy 2 spelling
-    ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray`` and ``numpy.dtype``. Any other global
-    (``os.system``, ``builtins.eval``, ...) raises ``pickle.UnpicklingError``; dicts, lists, str, bytes
-    and numbers need no globals."""
+    """Unpickler for the CIFAR pickles that resolves exactly the globals needed to rebuild numpy arrays
+    and scalars: ``numpy.core.multiarray._reconstruct`` and ``.scalar`` (and their numpy 2 spelling
+    ``numpy._core.multiarray``), ``numpy.core.numeric._frombuffer`` (protocol 5 arrays), ``numpy.ndarray``,
+    ``numpy.dtype`` (object dtypes refused) and ``_codecs.encode`` with latin-1 (protocol 2 bytes). Any
+    other global (``os.system``, ``builtins.eval``, ...) raises ``pickle.UnpicklingError``; dicts, lists,
+    str, bytes and numbers need no globals."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
-        ("numpy", "ndarray"): ("numpy", "ndarray"),
-        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"): lambda: _multiarray()._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): lambda: _multiarray()._reconstruct,
+        ("numpy.core.multiarray", "scalar"): lambda: _multiarray().scalar,
+        ("numpy._core.multiarray", "scalar"): lambda: _multiarray().scalar,
+        ("numpy.core.numeric", "_frombuffer"): lambda: _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): lambda: _frombuffer,
+        ("numpy", "ndarray"): lambda: importlib.import_module("numpy").ndarray,
+        ("numpy", "dtype"): lambda: _plain_dtype,
+        ("_codecs", "encode"): lambda: _latin1_encode,
     }
 
     def find_class(self, module: str, name: str):
-        target = self.ALLOWED.get((module, name))
-        if target is None:
+        resolve = self.ALLOWED.get((module, name))
+        if resolve is None:
             raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name} from a dataset pickle: only numpy array "
-                "reconstruction (numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype) is allowed"
+                f"refusing to load global {module}.{name} from a dataset pickle: only numpy arrays and scalars "
+                "(numpy.core.multiarray._reconstruct / scalar, numpy.ndarray, numpy.dtype) are allowed"
             )
-        import numpy
-
-        if target[0] == "multiarray":  # numpy >= 2 moved numpy.core to numpy._core
-            try:
-                multiarray = importlib.import_module("numpy._core.multiarray")
-            except ImportError:
-                multiarray = importlib.import_module("numpy.core.multiarray")
-            return getattr(multiarray, target[1])
-        return getattr(numpy, target[1])
+        return resolve()
 
 
 def restricted_load(path: str):
@@ -152,23 +189,51 @@ def _cifar_folder(data_dir: str | None) -> str:
     )
 
 
-def _get(record: dict, key: str):
+def _get(record: dict, key: str, path: str):
     for candidate in (key.encode(), key):
         if candidate in record:
             return record[candidate]
-    raise KeyError(f"CIFAR pickle has no {key!r} entry")
+    raise ValueError(f"{path}: the CIFAR pickle has no {key!r} field (it has {sorted(record)})")
+
+
+def _cifar_images(data, path: str) -> torch.Tensor:
+    """``data`` [N, 3072] of integer pixels in [0, 255] -> float images [N, 3, 32, 32] in [0, 1]."""
+    import numpy
+
+    if not isinstance(data, numpy.ndarray) or data.dtype.kind not in "iu":
+        kind = data.dtype if isinstance(data, numpy.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: field 'data' must be a numpy array of uint8 pixels, got {kind}")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: field 'data' must be [N, 3072] (N images, 3x32x32 channel-major), "
+                         f"got {list(data.shape)}")
+    if data.dtype != numpy.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise ValueError(f"{path}: field 'data' must hold pixel values in [0, 255], got "
+                         f"[{data.min()}, {data.max()}]")
+    return torch.from_numpy(data.astype(numpy.uint8)).view(-1, 3, 32, 32).float() / 255.0
+
+
+def _cifar_labels(labels, count: int, num_classes: int, path: str) -> torch.Tensor:
+    """``labels`` (a list of ints or numpy integers, or an integer array) -> int64 [count] in [0, num_classes)."""
+    import numpy
+
+    values = numpy.asarray(labels if isinstance(labels, numpy.ndarray) else list(labels))
+    if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: field 'fine_labels' must be a list of integers, got "
+                         f"{values.dtype} of shape {list(values.shape)}")
+    if len(values) != count:
+        raise ValueError(f"{path}: field 'fine_labels' has {len(values)} labels for {count} images in 'data'")
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"{path}: field 'fine_labels' must be in [0, {num_classes}), got "
+                         f"[{values.min()}, {values.max()}]")
+    return torch.as_tensor(values.astype(numpy.int64))
 
 
 def _read_cifar_split(path: str):
     record = restricted_load(path)
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(record).__name__}")
-    data = torch.as_tensor(_get(record, "data")).to(torch.uint8)
-    labels = torch.as_tensor(list(_get(record, "fine_labels")), dtype=torch.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: expected data [N, 3072] and N fine_labels, got {tuple(data.shape)} "
-                         f"and {labels.shape[0]}")
-    return data.view(-1, 3, 32, 32).float() / 255.0, labels
+        raise ValueError(f"{path}: expected a dict of fields, got {type(record).__name__}")
+    images = _cifar_images(_get(record, "data", path), path)
+    return images, _cifar_labels(_get(record, "fine_labels", path), len(images), CIFAR100_CLASSES, path)
 
 
 def load_cifar100(data_dir: str | None) -> Splits:
@@ -179,7 +244,7 @@ def load_cifar100(data_dir: str | None) -> Splits:
     empty = (torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.int64))
     train_set, val_set, test_set = _normalize([train, empty, test], torch.tensor(CIFAR100_MEAN),
                                               torch.tensor(CIFAR100_STD))
-    return Splits(train_set, val_set, test_set, num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    return Splits(train_set, val_set, test_set, num_classes=CIFAR100_CLASSES, mean=CIFAR100_MEAN, std=CIFAR100_STD)
 
 
 def load_imagenet(data_dir: str | None) -> Splits:

@@ -52,8 +52,25 @@ class Distributed:
         return self.sum(tensor) / self.world_size if self.enabled else tensor
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError saying why when it is a CUDA device this process cannot use."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device {str(device)!r} requested, but {why}; use device 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} requested, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
 def setup(device: str | None) -> tuple[Distributed, torch.device]:
     """The job's ``Distributed`` and this process's device (``device`` None: CUDA when available, else CPU)."""
+    if device is not None:
+        check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -88,8 +105,8 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
-        x = input.float()
-        local_count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half inputs: float32 statistics
+        local_count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device, dtype=x.dtype)
         sums = _all_reduce_sum(torch.cat([x.sum(dim=(0, 2, 3)), local_count]))
         count = sums[-1].detach()
         mean = sums[:-1] / count
@@ -132,4 +149,4 @@ def synchronize_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     return _replace_batch_norm(model, device)
 
 
-__all__ = ["AllReduceBatchNorm2d", "Distributed", "setup", "synchronize_batch_norm", "teardown"]
+__all__ = ["AllReduceBatchNorm2d", "Distributed", "check_device", "setup", "synchronize_batch_norm", "teardown"]

@@ -24,10 +24,12 @@ otherwise; the augmentation follows the recipe too (``augment.recipe_augmentatio
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -35,11 +37,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..models import build_model
-from . import build_strategy, distributed
+from .. import BackendUnavailableError, available_backends, unavailable_reason
+from ..backends import check_backend_name
+from ..models import build_model, canonical_model_name
+from . import STRATEGIES, build_strategy, distributed
 from .augment import Augmentation, recipe_augmentation
-from .checkpoint import load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
-from .data import load_dataset
+from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
+                         set_rng_state)
+from .data import DATASETS, IN_MEMORY_DATASETS, load_dataset
 from .loader import make_source, rank_batches, shard_batches
 
 RECIPE_MILESTONES = {"vgg7": (270, 280, 295), "vgg16": (270, 280, 295)}
@@ -100,6 +105,53 @@ class TrainConfig:
     progress: bool = True
     synthetic_samples: int = 64
     strategy_kwargs: dict = field(default_factory=dict)
+
+
+def flavour_of(config: TrainConfig) -> str:
+    """The model flavour ``config`` trains: its ``flavour``, else "dfs" for the dfs strategy and "dsn" otherwise."""
+    return config.flavour or ("dfs" if config.strategy == "dfs" else "dsn")
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """``config`` with the model's registry name, once every option has been checked against the others and
+    against this machine, before any data or model is set up. ValueError for a bad or ignored option (such
+    as ``backend`` or ``beta`` with a strategy whose flavour uses no DFS op), ``BackendUnavailableError``
+    with what can run here for a backend that cannot; UserWarning for options that have no effect on this run
+(dataset options the dataset ignores, ``sync_bn=False`` without several processes)."""
+    if config.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {list(DATASETS)}")
+    config = dataclasses.replace(config, model=canonical_model_name(config.model))
+    check_backend_name(config.backend)
+    flavour = flavour_of(config)
+    if flavour != "dfs" and config.backend != "auto":
+        raise ValueError(f"backend {config.backend!r} has no effect: strategy {config.strategy!r} trains the "
+                         f"{flavour!r} flavour, which runs no DFS op (only the 'dfs' flavour does: strategy 'dfs')")
+    if flavour == "dsn" and config.beta != TrainConfig.beta:
+        raise ValueError(f"beta {config.beta} has no effect: strategy {config.strategy!r} trains the 'dsn' "
+                         "flavour, which shares no channels (strategy 'dfs' does)")
+    if config.data_dir is not None and config.dataset in IN_MEMORY_DATASETS:
+        warnings.warn(f"data_dir is ignored: dataset {config.dataset!r} is not read from files", stacklevel=2)
+    if config.synthetic_samples != TrainConfig.synthetic_samples and config.dataset != "synthetic":
+        warnings.warn(f"synthetic_samples is ignored by dataset {config.dataset!r}", stacklevel=2)
+    if config.workers != TrainConfig.workers and config.dataset != "imagenet":
+        warnings.warn(f"workers is ignored: dataset {config.dataset!r} is batched in memory (only imagenet uses "
+                      "loader workers)", stacklevel=2)
+    if not config.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        warnings.warn("sync_bn=False has no effect in a one-process run (no torchrun)", stacklevel=2)
+    device = distributed.check_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if flavour == "dfs" and config.backend != "auto":
+        reason = unavailable_reason(config.backend, device)
+        if reason is not None:
+            runnable = ", ".join(repr(name) for name in ["auto", *available_backends(device)])
+            raise BackendUnavailableError(f"backend {config.backend!r} cannot run on {device.type}: {reason}. "
+                                          f"On this machine use one of {runnable}")
+    return config
 
 
 def scaled_milestones(model: str, epochs: int) -> list[int]:
@@ -176,8 +228,7 @@ class _Run:
 
 
 def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed) -> _Run:
-    flavour = config.flavour or ("dfs" if config.strategy == "dfs" else "dsn")
-    model = build_model(config.model, num_classes=num_classes, flavour=flavour, beta=config.beta,
+    model = build_model(config.model, num_classes=num_classes, flavour=flavour_of(config), beta=config.beta,
                         backend=config.backend)
     if job.enabled and config.sync_bn:
         model = distributed.synchronize_batch_norm(model, device)
@@ -195,24 +246,61 @@ def _build(config: TrainConfig, num_classes: int, device: torch.device, job: dis
     return _Run(model, model, optimizer, scheduler, scaler, strategy)
 
 
-def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device) -> tuple[int, int, object, list]:
-    """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from."""
+def _kind(value) -> str:
+    for kind, types in (("a number", (int, float)), ("a dict", dict), ("a list", (list, tuple)),
+                        ("a tensor", torch.Tensor), ("a string", str)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _check_like(saved: dict, fresh: dict) -> None:
+    """TypeError unless ``saved`` has the keys of ``fresh`` (a state_dict of this run) with values of the
+    same kind: some ``load_state_dict``s store whatever they get and fail steps later."""
+    if set(saved) != set(fresh):
+        raise TypeError(f"keys {sorted(saved)}, expected {sorted(fresh)}")
+    for key, value in fresh.items():
+        if value is not None and saved[key] is not None and _kind(saved[key]) != _kind(value):
+            raise TypeError(f"{key!r} is {_kind(saved[key])}, expected {_kind(value)}")
+
+
+def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
+            steps_per_epoch: int) -> tuple[int, int, object, list]:
+    """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from.
+    ValueError naming the file and the field for a checkpoint that does not fit this run."""
     state = load_checkpoint(path, map_location=device)
     saved = state["config"]
     changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
     if changed:
         raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
                          f"({[saved.get(key) for key in changed]} there); use another --out")
+    epoch, step, history = state["epoch"], state["step"], list(state.get("history", []))
+    if epoch > config.epochs:
+        raise ValueError(f"checkpoint {path}: field 'epoch' is {epoch}, past the run's {config.epochs} epochs")
+    if step >= steps_per_epoch:
+        raise ValueError(f"checkpoint {path}: field 'step' is {step}, past the end of an epoch of "
+                         f"{steps_per_epoch} steps")
+    if len(history) != epoch:
+        raise ValueError(f"checkpoint {path}: field 'history' has {len(history)} epochs, field 'epoch' says {epoch}")
+    loss_sums = state.get("loss_sums")
+    exits = len(run.model.exit_modules())
+    if step > 0 and (loss_sums is None or loss_sums.shape != (exits,)):
+        raise ValueError(f"checkpoint {path}: field 'loss_sums' must be a tensor [{exits}] (one sum per exit) "
+                         f"mid-epoch, got {None if loss_sums is None else list(loss_sums.shape)}")
     restore_model(run.model, state["model"], path)
+    for field, target in (("optimizer", run.optimizer), ("scheduler", run.scheduler), ("scaler", run.scaler),
+                          ("strategy", run.strategy)):
+        try:
+            _check_like(state.get(field, {}), target.state_dict())
+            target.load_state_dict(state.get(field, {}))
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
+            raise ValueError(f"checkpoint {path}: field {field!r} does not match this run: "
+                             f"{type(error).__name__}: {error}") from error
     try:
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.scaler.load_state_dict(state["scaler"])
-        run.strategy.load_state_dict(state.get("strategy", {}))
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"checkpoint {path} does not match this run: {error}") from error
-    set_rng_state(state["rng"])
-    return state["epoch"], state["step"], state.get("loss_sums"), list(state.get("history", []))
+        set_rng_state(state["rng"])
+    except (ValueError, RuntimeError, TypeError, OverflowError) as error:
+        raise ValueError(f"checkpoint {path}: field 'rng' cannot be restored: {error}") from error
+    return epoch, step, loss_sums, history
 
 
 def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
@@ -220,10 +308,7 @@ def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
     ``on_step(epoch, step)`` on every rank after each step (and its checkpoint, if one is due). Returns
     ``{"config": ..., "epochs": [per-epoch records]}``, as written to metrics.json. A record holds
     epoch, lr, loss, seconds, train_loss (per exit, mean over batches), val_acc and test_acc (per exit, %)."""
-    if config.amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {config.amp!r}")
-    if config.checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
+    config = check_config(config)
     started_group = not torch.distributed.is_initialized()
     job, device = distributed.setup(config.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -239,7 +324,7 @@ def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
 def _train(config: TrainConfig, job: distributed.Distributed, device: torch.device, on_epoch, on_step) -> dict:
     checkpoint_path = os.path.join(config.out, "last.pt")
     if job.is_main:
-        os.makedirs(config.out, exist_ok=True)
+        check_writable(config.out)  # before any work: a run must not learn this at its first checkpoint
     _seed_everything(config.seed)
     splits = load_dataset(config.dataset, config.data_dir, seed=config.seed,
                           synthetic_samples=config.synthetic_samples)
@@ -249,7 +334,10 @@ def _train(config: TrainConfig, job: distributed.Distributed, device: torch.devi
     run = _build(config, splits.num_classes, device, job)
     start_epoch, start_step, resumed_sums, history = 0, 0, None, []
     if config.resume and os.path.exists(checkpoint_path):
-        start_epoch, start_step, resumed_sums, history = _resume(run, config, checkpoint_path, device)
+        steps_per_epoch = len(rank_batches(len(source), config.batch_size, epoch=0, seed=config.seed,
+                                           rank=job.rank, world_size=job.world_size))
+        start_epoch, start_step, resumed_sums, history = _resume(run, config, checkpoint_path, device,
+                                                                 steps_per_epoch)
     if job.enabled:
         run.runner = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:

@@ -1,8 +1,8 @@
 """Anytime and budgeted evaluation of trained multi-exit networks: a thin CLI over ``dfs_kernels.inference``.
 
-    python python/anytime.py /tmp/digits_dsn /tmp/digits_dfs --out bench/results/anytime_vgg7_digits_cpu
+    dfs-anytime /tmp/digits_dsn /tmp/digits_dfs --out bench/results/anytime_vgg7_digits_cpu
 
-For each run directory written by python/train.py (DIR/last.pt): per-exit test accuracy and cumulative
+For each run directory written by dfs-train (DIR/last.pt): per-exit test accuracy and cumulative
 FLOPs (printed); MSDNet's budgeted batch classification over p = 0.05..1.95, with thresholds fitted on
 the val split, or on the last --holdout train images when the dataset has none (CIFAR-100); and the
 early-exit runner at the --runner-p values: whether its decisions match the simulated evaluation, the
@@ -28,10 +28,13 @@ from dfs_kernels import inference
 from dfs_kernels.models import build_model
 from dfs_kernels.training.checkpoint import load_checkpoint, restore_model
 from dfs_kernels.training.data import load_dataset
+from dfs_kernels.training.distributed import check_device
+
+from ._common import HelpFormatter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="dfs-anytime", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories holding last.pt")
     parser.add_argument("--out", default="anytime", help="writes OUT.json and OUT.png")
     parser.add_argument("--batch-size", type=int, default=256, help="inference batch size")
@@ -45,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def machine(device: torch.device) -> dict:
@@ -181,7 +189,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     machine_info = machine(device)
     datasets: dict = {}
     records, curves = [], []

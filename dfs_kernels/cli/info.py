@@ -1,11 +1,12 @@
 """Prints what this installation of dfs_kernels can do: versions, the compiled library, and which
 backend each device gets. Attach its output to bug reports.
 
-    python python/dfs_info.py
+    dfs-info
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 
 import torch
@@ -13,8 +14,11 @@ import torch
 import dfs_kernels
 from dfs_kernels import _library
 
+from ._common import HelpFormatter
 
-def main() -> None:
+
+def main(argv=None) -> None:
+    argparse.ArgumentParser(prog="dfs-info", description=__doc__, formatter_class=HelpFormatter).parse_args(argv)
     print(f"dfs_kernels {dfs_kernels.__version__}, torch {torch.__version__}, python {platform.python_version()}")
     print(f"compiled library: {_library.library_path() or 'not loaded: ' + str(_library.load_error())}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,0 +1,108 @@
+"""Train a multi-exit network: a thin CLI over ``dfs_kernels.training.trainer.train``.
+
+    dfs-train --model vgg7 --dataset digits --strategy dfs --epochs 3 --batch-size 64 --out /tmp/run
+    torchrun --nproc_per_node 2 -m dfs_kernels.cli.train ...   # data parallel (gloo on CPU, nccl on GPU)
+
+Prints each epoch's per-exit train loss and accuracy; writes OUT/metrics.json, OUT/metrics.csv, OUT/last.pt.
+The options are checked against each other and this machine before any data or model is set up.
+The digits dataset needs scikit-learn (pip install "dfs_kernels[train]").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+
+from dfs_kernels.models import MODEL_ALIASES, MODELS
+from dfs_kernels.training import STRATEGIES
+from dfs_kernels.training.augment import AUGMENTATIONS
+from dfs_kernels.training.data import DATASETS
+from dfs_kernels.training.trainer import AMP_DTYPES, TrainConfig, check_config, train
+
+from ._common import BACKEND_CHOICES, HelpFormatter
+
+DEFAULTS = TrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfs-train", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=DEFAULTS.model, choices=sorted(MODELS) + sorted(MODEL_ALIASES),
+                        help="multi-exit network (factory names such as vgg7_64 work too)")
+    parser.add_argument("--strategy", default=DEFAULTS.strategy, choices=sorted(STRATEGIES),
+                        help="training strategy; only 'dfs' trains the DFS flavour")
+    parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="DFS shared fraction of channels (dfs)")
+    parser.add_argument("--backend", default=DEFAULTS.backend, choices=BACKEND_CHOICES,
+                        help="backend of the DFS ops (strategy dfs)")
+    parser.add_argument("--dataset", default=DEFAULTS.dataset, choices=DATASETS, help="dataset")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding cifar-100-python/ or ImageNet's train/ and val/ (never downloaded)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="epochs (the recipes' length)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                        help="global batch, split over torchrun processes")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="initial learning rate (SGD, momentum 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--amp", default=DEFAULTS.amp, choices=list(AMP_DTYPES), help="autocast dtype")
+    parser.add_argument("--augmentation", default=None, choices=AUGMENTATIONS, help="default: the recipe's")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--out", default=DEFAULTS.out, help="run directory (checked for writing at start-up)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    parser.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, metavar="STEPS",
+                        help="also checkpoint every STEPS steps within an epoch (0: epoch ends only)")
+    parser.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    parser.add_argument("--no-sync-bn", action="store_true",
+                        help="per-process BatchNorm statistics under torchrun (otherwise: the global batch's)")
+    parser.add_argument("--workers", type=int, default=DEFAULTS.workers, help="data loader workers (imagenet)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of initialization, order, augmentation")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--synthetic-samples", type=int, default=DEFAULTS.synthetic_samples,
+                        help="train size of --dataset synthetic")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The checked ``TrainConfig`` of the command line; a usage error (exit 2) for options that conflict or
+    cannot run on this machine."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = TrainConfig(model=args.model, strategy=args.strategy, beta=args.beta, backend=args.backend,
+                         dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp,
+                         augmentation=args.augmentation, channels_last=args.channels_last, compile=args.compile,
+                         out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                         deterministic=args.deterministic, sync_bn=not args.no_sync_bn, workers=args.workers,
+                         seed=args.seed, device=args.device, progress=not args.no_progress,
+                         synthetic_samples=args.synthetic_samples)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            return check_config(config)
+    except ValueError as error:  # BackendUnavailableError included
+        parser.error(str(error))
+
+
+def print_epoch(record: dict) -> None:
+    exits = len(record["test_acc"])
+    print(f"epoch {record['epoch']}  lr {record['lr']:.4g}  loss {record['loss']:.4f}  "
+          f"({record['seconds']:.1f} s)")
+    print("  exit " + "".join(f"{k + 1:>8}" for k in range(exits)))
+    print("  loss " + "".join(f"{v:8.4f}" for v in record["train_loss"]))
+    if record["val_acc"]:
+        print("  val% " + "".join(f"{v:8.2f}" for v in record["val_acc"]))
+    print("  test%" + "".join(f"{v:8.2f}" for v in record["test_acc"]), flush=True)
+
+
+def main(argv=None) -> None:
+    config = parse_args(argv)
+    try:
+        train(config, on_epoch=print_epoch)
+    except PermissionError as error:  # --out: found before any training
+        raise SystemExit(f"dfs-train: error: {error}") from error
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {config.out}/metrics.json, metrics.csv, last.pt")
+
+
+if __name__ == "__main__":
+    main()
