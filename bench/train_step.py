@@ -1,5 +1,5 @@
 """Training-step benchmark of the multi-exit models: DSN against DFS (eager reference and the
-package's ops on every available backend), and DFS against its ideal (DESIGN.md §2).
+package's ops on every available backend), and DFS against its ideal (docs/cost_model.md).
 
     python bench/train_step.py                       # VGG7-64, CPU or GPU defaults
     python bench/train_step.py --model resnet18 --batch-sizes 32 64 --plot
@@ -13,10 +13,10 @@ hits them alike.
 
 D, the time the DSN step spends in the input gradients of the convolutions DFS partitions, is measured
 in the same run as the difference between the DSN step and the same DSN model whose partitioned
-convolutions compute no input gradient at all (``PartitionedConv2d`` with ``shared_channels=0``, the
-exits unchanged). Each exit still sends gradient into its layer, so everything upstream of those
-convolutions runs as in DSN and the difference is their input-gradient work, plus the addition of
-that gradient to the exit's, which DFS keeps (so R_ideal errs slightly on the optimistic side).
+convolutions compute no input gradient (``ConvWithoutInputGrad``: the weight and bias gradients by
+ATen, a zero tensor as the input gradient; the exits unchanged). Each exit still sends gradient into
+its layer, so everything upstream of those convolutions runs as in DSN and the difference is their
+input-gradient work less a zero-fill.
 Timing the convolution backward of each layer's shapes in isolation would miss the step's cache and
 scheduling context. D is the median of the per-iteration differences of the two backward phases
 (forward and optimizer work are the same in both), and with it:

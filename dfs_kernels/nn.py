@@ -182,7 +182,7 @@ def _adopt(target: nn.Conv2d, source: nn.Conv2d) -> None:
 
 
 class ExitHead(_ChannelPartition, nn.Module):
-    """The VGG exit of DESIGN.md §1: ``fc(global_avg_pool([sg(x+), x-]))``.
+    """The VGG exit of docs/semantics.md: ``fc(global_avg_pool([sg(x+), x-]))``.
 
     Its gradient reaches only the referenced channels [Cp, C) of x; ``shared_channels=0`` lets it
     reach every channel (the ``exit_grad="all"`` variant). Shapes: x [N, C, H, W] -> [N, num_classes].

@@ -1,7 +1,7 @@
 """What the multi-exit models share: the three flavours and the few layers in which they differ.
 
 A model is written once against ``FlavourLayers``, which hands out, per flavour, the layers that touch
-a DFS split point (DESIGN.md §1). Every other layer is an ordinary ``torch.nn`` layer, and the layers
+a DFS split point (docs/semantics.md). Every other layer is an ordinary ``torch.nn`` layer, and the layers
 handed out keep the parameter names of their plain counterparts (``weight``/``bias`` of a conv,
 ``fc.*`` of a pooled exit), so one state_dict loads into all three flavours:
 
@@ -141,7 +141,7 @@ class FlavourLayers:
         flavour: "dsn", "dfs_eager" or "dfs".
         beta: fraction of shared channels at each split point; Cp = round(beta * C).
         backend: backend of the "dfs" flavour's ops ("auto" or a name).
-        exit_grad: "partitioned" (exits reach only x-, DESIGN.md §1) or "all" (exits reach every channel).
+        exit_grad: "partitioned" (exits reach only x-, docs/semantics.md) or "all" (exits reach every channel).
     """
 
     def __init__(self, flavour: str, beta: float, backend: str, exit_grad: str) -> None:

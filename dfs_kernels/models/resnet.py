@@ -4,7 +4,7 @@ SepConv) of the DFS paper's code.
 The outputs of stages 1-3 are split points. Exit k reads ``[sg(x+), x-]``; the next stage reads
 ``[x+, sg(x-)]`` through the two convolutions that consume the stage output, its first block's
 ``conv1`` and its 1x1 ``shortcut`` conv, so in the DFS flavours those two are partitioned on their
-input channels. This is the ``reroute`` of DESIGN.md §1 with the backbone side folded into the convs:
+input channels. This is the ``reroute`` of docs/semantics.md with the backbone side folded into the convs:
 the referenced channels' input gradient of those convs is never computed.
 """
 

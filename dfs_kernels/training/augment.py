@@ -14,7 +14,7 @@ image at a time in the data loader, and batched tensor ops on the training devic
 
 Kinds (``AUGMENTATIONS``): "none"; "crop_flip" (zero-pad 4, random 32x32 crop, horizontal flip with
 probability 1/2); "crop_flip_autoaugment_cutout" (then the AutoAugment CIFAR-10 policy and Cutout of
-one 16x16 square, the CIFAR-100 recipe of ResNet-18 and VGG7 in MODELS.md).
+one 16x16 square, the CIFAR-100 recipe of ResNet-18 and VGG7 in docs/models.md).
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def _cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Ten
 
 
 def recipe_augmentation(dataset: str, model: str) -> str:
-    """The augmentation kind of the MODELS.md recipe: CIFAR-100 ResNet-18/VGG add AutoAugment + Cutout to
+    """The augmentation kind of the docs/models.md recipe: CIFAR-100 ResNet-18/VGG add AutoAugment + Cutout to
     crop + flip, MSDNet uses crop + flip; digits and synthetic are not augmented (a flip changes a digit)."""
     if dataset != "cifar100":
         return "none"

@@ -1,4 +1,4 @@
-"""Per-exit training losses of multi-exit networks (MODELS.md, "Losses").
+"""Per-exit training losses of multi-exit networks (docs/models.md, "Losses").
 
 An ``ExitLoss`` maps the model's outputs to one loss term per exit, shallow to deep. The strategies
 need the terms separately (BDL routes each exit's gradient on its own, GD projects per-exit

@@ -17,7 +17,7 @@ Distributed: ``WORLD_SIZE > 1`` (torchrun) trains with DistributedDataParallel, 
 CPU; ``batch_size`` is the global batch. BatchNorm statistics are those of the global batch
 (``sync_bn``, default on), so W processes train the network one process would on the whole batch.
 
-Milestones follow the CIFAR recipes (``MODELS.md``) for 300 epochs and are scaled to ``epochs``
+Milestones follow the CIFAR recipes (``docs/models.md``) for 300 epochs and are scaled to ``epochs``
 otherwise; the augmentation follows the recipe too (``augment.recipe_augmentation``).
 """
 
