@@ -1,14 +1,17 @@
-"""The package without its compiled library: it imports with one clear warning, runs on the
-reference backend, and refuses an explicit request for the aten backend."""
+"""The compiled library: the package without it imports with one clear warning, runs on the reference
+backend and refuses an explicit request for the aten backend; a build has it loaded, a CUDA build with a
+CUDA kernel for every op; configure says what is missing where CUDA is required but absent."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
 import dfs_kernels
 
@@ -86,3 +89,22 @@ def test_cuda_build_registers_a_cuda_kernel_for_every_op():
     )
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_configure_says_what_is_missing_where_cuda_is_required(tmp_path):
+    """DFS_KERNELS_REQUIRE_CUDA=1 with no usable nvcc (CUDACXX names none) stops at configure, naming what
+    is missing: a CPU build of torch, or nvcc where torch is a CUDA build."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not on PATH")
+    env = dict(os.environ, DFS_KERNELS_REQUIRE_CUDA="1", CUDACXX=str(tmp_path / "no-nvcc"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [cmake, "-S", root, "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+         f"-DPython3_EXECUTABLE={sys.executable}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    missing = "nvcc was not found" if torch.version.cuda else "is not a CUDA build"
+    assert result.returncode != 0, result.stdout
+    assert "DFS_KERNELS_REQUIRE_CUDA is set but" in result.stderr and missing in result.stderr, result.stderr
