@@ -2,14 +2,16 @@
 
 Environment:
   DFS_KERNELS_SKIP_CUDA_BUILD=1   build the CPU ops only, even where nvcc and a CUDA torch are present
+  DFS_KERNELS_REQUIRE_CUDA=1      fail unless the CUDA kernels and the cuDNN backend are built, saying what is missing
   DFS_KERNELS_CUDA_ARCHS="80;90"  CUDA architectures (default covers A100 and H100/H200)
-  CUDNN_ROOT=/path                cuDNN (include/cudnn.h, lib/libcudnn.so*) for the "cuda" backend, when it is
+  CUDNN_ROOT=/path                cuDNN (include/cudnn.h, lib/libcudnn.so*) for the "cudnn" backend, when it is
                                   neither in the nvidia-cudnn wheel torch depends on nor in the CUDA toolkit
   MAX_JOBS=N                      parallel compile jobs
 Install with --no-build-isolation so that the build uses the torch already installed (an isolated
 build would fetch a second, CUDA-enabled torch).
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -32,7 +34,11 @@ class CMakeBuild(build_ext):
         import torch  # the build-time torch is the runtime torch (no build isolation)
 
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # One CMake tree per torch installation: CMake caches what it found (torch's libraries, CUDA,
+        # cuDNN), so a tree configured for another environment's torch must not be reused.
+        torch_dir = Path(torch.__file__).resolve().parent
+        torch_key = hashlib.sha256(str(torch_dir).encode()).hexdigest()[:8]
+        build_dir = Path(self.build_temp).resolve() / f"cmake-torch{torch.__version__}-{torch_key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
             "cmake",

@@ -68,7 +68,11 @@ def _autocast(input, weight, bias):
     """Casts like ``conv2d`` under autocast, which the registered ops are not known to: into the
     autocast dtype when autocast is on for the input's device."""
     device_type = input.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    try:  # not torch.amp.is_autocast_available, which Dynamo of torch 2.11 cannot trace
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+        enabled = False
+    if not enabled:
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

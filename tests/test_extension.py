@@ -1,14 +1,17 @@
-"""The package without its compiled library: it imports with one clear warning, runs on the
-reference backend, and refuses an explicit request for the aten backend."""
+"""The compiled library: the package without it imports with one clear warning, runs on the reference
+backend and refuses an explicit request for the aten backend; a build has it loaded, a CUDA build with a
+CUDA kernel for every op; configure says what is missing where CUDA is required but absent."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
 import dfs_kernels
 
@@ -52,3 +55,56 @@ def test_library_loaded_in_this_build():
         pytest.skip("DFS_KERNELS_EXPECT_EXTENSION=0")
     assert dfs_kernels.extension_loaded(), dfs_kernels._library.load_error()
     assert "aten" in dfs_kernels.available_backends("cpu")
+
+
+# Run in a fresh interpreter that loads only the compiled library, so that the ops checked are exactly
+# the ones it defines (the Python backends register ops of their own in the same namespace).
+REGISTRATIONS_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    torch.ops.load_library(sys.argv[1])
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("dfs_kernels::"))
+    device_generic = [op for op in ops if has_kernel(op, "CompositeExplicitAutograd")
+                      or has_kernel(op, "CompositeImplicitAutograd")]
+    with_cuda = [op for op in ops if has_kernel(op, "CUDA")]
+    without_cuda = sorted(set(ops) - set(device_generic) - set(with_cuda))
+    print(f"{len(ops)} ops: {len(with_cuda)} with a CUDA kernel, {len(device_generic)} device-generic")
+    print("missing a CUDA kernel:", " ".join(without_cuda) or "none")
+    assert with_cuda and not without_cuda
+""")
+
+
+def test_cuda_build_registers_a_cuda_kernel_for_every_op():
+    """A CUDA build must give every op of the library that is not device-generic a CUDA kernel: a binding
+    file left out of the build (or cuDNN not found) would otherwise go unnoticed on machines without a
+    GPU. Skipped for CPU builds unless DFS_KERNELS_EXPECT_CUDA_BUILD=1 says this build must be one."""
+    library = dfs_kernels._library.library_path()
+    expected = os.environ.get("DFS_KERNELS_EXPECT_CUDA_BUILD", "0") == "1"
+    if not expected and not dfs_kernels._library.has_kernels_for("cuda"):
+        pytest.skip("not a CUDA build (DFS_KERNELS_EXPECT_CUDA_BUILD=1 makes this an error)")
+    assert library is not None, dfs_kernels._library.load_error()
+    result = subprocess.run(
+        [sys.executable, "-c", REGISTRATIONS_SCRIPT, library], capture_output=True, text=True, timeout=300
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_configure_says_what_is_missing_where_cuda_is_required(tmp_path):
+    """DFS_KERNELS_REQUIRE_CUDA=1 with no usable nvcc (CUDACXX names none) stops at configure, naming what
+    is missing: a CPU build of torch, or nvcc where torch is a CUDA build."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not on PATH")
+    env = dict(os.environ, DFS_KERNELS_REQUIRE_CUDA="1", CUDACXX=str(tmp_path / "no-nvcc"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [cmake, "-S", root, "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+         f"-DPython3_EXECUTABLE={sys.executable}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    missing = "nvcc was not found" if torch.version.cuda else "is not a CUDA build"
+    assert result.returncode != 0, result.stdout
+    assert "DFS_KERNELS_REQUIRE_CUDA is set but" in result.stderr and missing in result.stderr, result.stderr
