@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import backends
-from ._validation import check_feature_map, check_matches, check_shared_channels
+from ._validation import check_channel_axis, check_feature_map, check_matches, check_shared_channels
 
 __all__ = [
     "exit_avg_pool", "exit_reference", "partitioned_conv2d", "partitioned_conv2d_with_exit_pool", "reroute",
@@ -149,31 +149,37 @@ def partitioned_conv2d(
 
 
 def reroute(
-    x: torch.Tensor, shared_channels: int, *, backend: str = "auto"
+    x: torch.Tensor, shared_channels: int, *, dim: int = 1, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split point of a DFS network: ``(backbone, exit) = ([x+, sg(x-)], [sg(x+), x-])``.
 
-    x: [N, C, H, W]. Both outputs equal ``x`` in the forward (views, no copy). In the backward, the
-    gradient of ``x`` is the backbone gradient on [:Cp] and the exit gradient on [Cp:], assembled in
-    one pass.
+    x: [N, C, H, W] with ``dim=1``; with another ``dim`` (not 0), any tensor whose channels lie on
+    that axis, e.g. tokens [N, T, D] with ``dim=-1`` (the first Cp features of D are shared). Both
+    outputs equal ``x`` in the forward (views, no copy). In the backward, the gradient of ``x`` is the
+    backbone gradient on [:Cp] and the exit gradient on [Cp:], assembled in one pass.
     """
-    check_feature_map(x, "x")
-    check_shared_channels(shared_channels, x.shape[1])
-    return _ops(backend, x.device).reroute(x, int(shared_channels))
+    axis = check_channel_axis(x, dim, "x")
+    check_shared_channels(shared_channels, x.shape[axis])
+    return _ops(backend, x.device).reroute(x, int(shared_channels), axis)
 
 
-def exit_reference(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
-    """``[sg(x+), x-]``: the forward is ``x``; the gradient reaches only channels [Cp:]. x: [N, C, H, W]."""
-    check_feature_map(x, "x")
-    check_shared_channels(shared_channels, x.shape[1])
-    return _ops(backend, x.device).exit_reference(x, int(shared_channels))
+def exit_reference(
+    x: torch.Tensor, shared_channels: int, *, dim: int = 1, backend: str = "auto"
+) -> torch.Tensor:
+    """``[sg(x+), x-]``: the forward is ``x``; the gradient reaches only channels [Cp:] of axis ``dim``.
+    x: [N, C, H, W] with ``dim=1``, or channels on another axis (``dim=-1`` for tokens [N, T, D])."""
+    axis = check_channel_axis(x, dim, "x")
+    check_shared_channels(shared_channels, x.shape[axis])
+    return _ops(backend, x.device).exit_reference(x, int(shared_channels), axis)
 
 
-def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
-    """``mean([sg(x+), x-], dim=(2, 3))``, the pooled read of an exit. [N, C, H, W] -> [N, C]."""
-    check_feature_map(x, "x")
-    check_shared_channels(shared_channels, x.shape[1])
-    return _ops(backend, x.device).exit_avg_pool(x, int(shared_channels))
+def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, dim: int = 1, backend: str = "auto") -> torch.Tensor:
+    """The pooled read of an exit: the mean of ``[sg(x+), x-]`` over every axis but the batch axis 0
+    and the channel axis ``dim``. [N, C, H, W] -> [N, C] with ``dim=1``; tokens [N, T, D] -> [N, D]
+    with ``dim=-1``."""
+    axis = check_channel_axis(x, dim, "x")
+    check_shared_channels(shared_channels, x.shape[axis])
+    return _ops(backend, x.device).exit_avg_pool(x, int(shared_channels), axis)
 
 
 def partitioned_conv2d_with_exit_pool(

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from . import functional
-from ._validation import check_beta, check_feature_map, check_shared_channels, shared_channels_for
+from ._validation import (
+    check_beta,
+    check_channel_axis,
+    check_feature_map,
+    check_shared_channels,
+    shared_channels_for,
+)
 from .backends import check_backend_name
 
 __all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "convert", "unconvert"]
@@ -223,14 +229,19 @@ class ExitHead(_ChannelPartition, nn.Module):
 
 class FeatureReroute(_ChannelPartition, nn.Module):
     """A DFS split point: ``forward(x) -> (backbone, exit)`` with backbone = ``[x+, sg(x-)]`` and
-    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W].
-    ``shared_channels`` and ``beta`` may be assigned after construction (validated against ``channels``)."""
+    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W] with ``dim=1``,
+    tokens [N, T, C] with ``dim=-1``. ``shared_channels`` and ``beta`` may be assigned after
+    construction (validated against ``channels``)."""
 
     def __init__(
-        self, channels: int, *, beta: float = 0.5, shared_channels: int | None = None, backend: str = "auto"
+        self, channels: int, *, beta: float = 0.5, shared_channels: int | None = None, dim: int = 1,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim == 0:
+            raise ValueError(f"dim must be a channel axis other than the batch axis 0 (1 or -1), got {dim!r}")
         self.channels = channels
+        self.dim = dim
         self.shared_channels = shared_channels_for(channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
@@ -240,11 +251,12 @@ class FeatureReroute(_ChannelPartition, nn.Module):
         return self.channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_feature_map(x, "x", channels=self.channels)
-        return functional.reroute(x, self.shared_channels, backend=self.backend)
+        check_channel_axis(x, self.dim, "x", channels=self.channels)
+        return functional.reroute(x, self.shared_channels, dim=self.dim, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, shared_channels={self.shared_channels}, backend={self.backend!r}"
+        dim = "" if self.dim == 1 else f", dim={self.dim}"
+        return f"channels={self.channels}, shared_channels={self.shared_channels}{dim}, backend={self.backend!r}"
 
 
 def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, backend: str = "auto") -> nn.Module:
