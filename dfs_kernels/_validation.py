@@ -8,11 +8,13 @@ import numbers
 import torch
 
 
-def shared_channels_for(channels: int, beta: float = 0.5, shared_channels: int | None = None) -> int:
+def shared_channels_for(channels: int, beta: float = 0.5, shared_channels: int | None = None,
+                        name: str = "shared_channels") -> int:
     """Cp for a feature map of ``channels`` channels: ``shared_channels`` when given, else
-    ``round(beta * channels)`` with Python's (banker's) rounding, as the original DFS code."""
+    ``round(beta * channels)`` with Python's (banker's) rounding, as the original DFS code. ``name``
+    is the argument's name in errors (``shared_features`` for a linear layer)."""
     if shared_channels is not None:
-        check_shared_channels(shared_channels, channels)
+        check_shared_channels(shared_channels, channels, name)
         return shared_channels
     check_beta(beta)
     return round(beta * channels)
@@ -32,7 +34,8 @@ def check_shared_channels(shared_channels: object, channels: int, name: str = "s
             f"of type {type(shared_channels).__name__}"
         )
     if not 0 <= shared_channels <= channels:
-        raise ValueError(f"{name} must be in [0, {channels}] (the input's channel count), got {shared_channels}")
+        raise ValueError(f"{name} must be in [0, {channels}] (the input's size on the partitioned axis), "
+                         f"got {shared_channels}")
 
 
 def check_feature_map(tensor: object, name: str = "input", channels: int | None = None) -> None:

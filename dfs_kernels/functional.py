@@ -23,7 +23,8 @@ from . import backends
 from ._validation import check_channel_axis, check_feature_map, check_matches, check_shared_channels
 
 __all__ = [
-    "exit_avg_pool", "exit_reference", "partitioned_conv2d", "partitioned_conv2d_with_exit_pool", "reroute",
+    "exit_avg_pool", "exit_reference", "partitioned_conv2d", "partitioned_conv2d_with_exit_pool",
+    "partitioned_linear", "reroute",
 ]
 
 
@@ -146,6 +147,51 @@ def partitioned_conv2d(
         input, weight, bias, stride, padding, dilation, int(groups), int(shared_channels)
     )
     return output.squeeze(0) if unbatched else output
+
+
+def partitioned_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shared_features: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``linear([x+, sg(x-)], weight, bias)`` split on the last axis: a linear layer whose input
+    gradient reaches only the first ``shared_features`` input features.
+
+    Args:
+        input: [..., in_features] (any leading dimensions: a batch, tokens [N, T, in_features]).
+        weight: [out_features, in_features].
+        bias: [out_features] or None.
+        shared_features: Cp in [0, in_features]; features [0, Cp) are shared, [Cp, in_features) referenced.
+        backend: "auto" or a name from ``dfs_kernels.available_backends()``.
+
+    Returns:
+        [..., out_features], equal to ``F.linear(input, weight, bias)``. Backward gives the weight and
+        bias gradients in full and an input gradient that is zero on [Cp, in_features), where backends
+        other than "reference" never compute it.
+    """
+    if not isinstance(input, torch.Tensor) or input.dim() < 1:
+        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+        raise ValueError(f"input must be a tensor [..., in_features] of at least 1 dimension, got {shape}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating dtype, got {input.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {shape}")
+    input, weight, bias = _autocast(input, weight, bias)
+    check_matches(weight, input, "weight")
+    check_matches(bias, input, "bias")
+    out_features, in_features = weight.shape
+    if input.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have weight.shape[1] = {in_features} features on its last axis, got shape {tuple(input.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    check_shared_channels(shared_features, in_features, "shared_features")
+    return _ops(backend, input.device).partitioned_linear(input, weight, bias, int(shared_features))
 
 
 def reroute(

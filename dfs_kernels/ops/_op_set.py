@@ -17,8 +17,8 @@ def _no_check(tensor: torch.Tensor) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OpSet:
-    """A backend whose DFS ops are registered ops: ``torch.ops.dfs_kernels.{conv_prefix}partitioned_conv2d``
-    and ``..._with_exit_pool``, ``{glue_prefix}exit_avg_pool`` and, for the split-point views,
+    """A backend whose DFS ops are registered ops: ``torch.ops.dfs_kernels.{conv_prefix}partitioned_conv2d``,
+    ``..._with_exit_pool`` and ``{conv_prefix}partitioned_linear``, ``{glue_prefix}exit_avg_pool`` and, for the split-point views,
     ``{glue_prefix}merge_channels``. Arguments come validated from ``dfs_kernels.functional``
     (padding numeric, ``dim`` a non-negative channel axis); ``check_input`` rejects what the kernels cannot run (the Triton dtypes)."""
 
@@ -42,6 +42,10 @@ class OpSet:
         return self._op(self.conv_prefix, "partitioned_conv2d_with_exit_pool")(
             input, weight, bias, list(stride), list(padding), list(dilation), groups, shared_channels
         )
+
+    def partitioned_linear(self, input, weight, bias, shared_features):
+        self.check_input(input)
+        return self._op(self.conv_prefix, "partitioned_linear")(input, weight, bias, shared_features)
 
     def exit_avg_pool(self, x, shared_channels, dim=1):
         self.check_input(x)
