@@ -40,16 +40,23 @@ def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _checked_weight_and_cast(input, weight, bias, dims: int, layout: str):
+    """Checks that ``weight`` is a ``dims``-D tensor (``layout`` names its axes in the error), casts the
+    three as autocast would, and checks weight and bias against the input's device and dtype."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != dims:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a {dims}-D {layout} tensor, got {shape}")
+    input, weight, bias = _autocast(input, weight, bias)
+    check_matches(weight, input, "weight")
+    check_matches(bias, input, "bias")
+    return input, weight, bias
+
+
 def _checked_conv_arguments(input, weight, bias, stride, dilation, groups, shared_channels):
     """Validates a partitioned convolution's arguments (each error names its argument) and returns
     (input, weight, bias) as autocast would cast them, with stride and dilation as pairs."""
     check_feature_map(input, "input")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 4-D [C_out, C_in / groups, kH, kW] tensor, got {shape}")
-    input, weight, bias = _autocast(input, weight, bias)
-    check_matches(weight, input, "weight")
-    check_matches(bias, input, "bias")
+    input, weight, bias = _checked_weight_and_cast(input, weight, bias, 4, "[C_out, C_in / groups, kH, kW]")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     in_channels, out_channels = weight.shape[1] * groups, weight.shape[0]
@@ -177,12 +184,7 @@ def partitioned_linear(
         raise ValueError(f"input must be a tensor [..., in_features] of at least 1 dimension, got {shape}")
     if not input.is_floating_point():
         raise TypeError(f"input must have a floating dtype, got {input.dtype}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got {shape}")
-    input, weight, bias = _autocast(input, weight, bias)
-    check_matches(weight, input, "weight")
-    check_matches(bias, input, "bias")
+    input, weight, bias = _checked_weight_and_cast(input, weight, bias, 2, "[out_features, in_features]")
     out_features, in_features = weight.shape
     if input.shape[-1] != in_features:
         raise ValueError(

@@ -47,34 +47,17 @@ def _leaf(shape, dtype, strided):
 @DTYPES
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("shape, dim, cp", CASES)
+@pytest.mark.parametrize("op", ["reroute", "exit_reference", "exit_avg_pool"])
 @pytest.mark.parametrize("backend", BACKENDS)
-class TestAgainstReference:
-    def test_reroute(self, backend, shape, dim, cp, strided, dtype):
-        if backend == "triton" and strided:
-            pytest.skip("the interpreter is slow; one layout is enough for the shared Python path")
-        base, view = _leaf(shape, dtype, strided)
-        compare_backward(
-            lambda b: functional.reroute(view(b), cp, dim=dim, backend=backend),
-            lambda b: reference.reroute(view(b), cp, dim), [base], names=["x"], dtype=dtype,
-        )
-
-    def test_exit_reference(self, backend, shape, dim, cp, strided, dtype):
-        if backend == "triton" and strided:
-            pytest.skip("the interpreter is slow; one layout is enough for the shared Python path")
-        base, view = _leaf(shape, dtype, strided)
-        compare_backward(
-            lambda b: functional.exit_reference(view(b), cp, dim=dim, backend=backend),
-            lambda b: reference.exit_reference(view(b), cp, dim), [base], names=["x"], dtype=dtype,
-        )
-
-    def test_exit_avg_pool(self, backend, shape, dim, cp, strided, dtype):
-        if backend == "triton" and strided:
-            pytest.skip("the interpreter is slow; one layout is enough for the shared Python path")
-        base, view = _leaf(shape, dtype, strided)
-        compare_backward(
-            lambda b: functional.exit_avg_pool(view(b), cp, dim=dim, backend=backend),
-            lambda b: reference.exit_avg_pool(view(b), cp, dim), [base], names=["x"], dtype=dtype,
-        )
+def test_against_reference(backend, op, shape, dim, cp, strided, dtype):
+    if backend == "triton" and strided:
+        pytest.skip("the interpreter is slow; one layout is enough for the Python path every backend shares")
+    base, view = _leaf(shape, dtype, strided)
+    actual, expected = getattr(functional, op), getattr(reference, op)
+    compare_backward(
+        lambda b: actual(view(b), cp, dim=dim, backend=backend),
+        lambda b: expected(view(b), cp, dim), [base], names=["x"], dtype=dtype,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

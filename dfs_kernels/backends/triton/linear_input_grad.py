@@ -22,14 +22,9 @@ from torch.library import triton_op, wrap_triton
 from . import _common
 from ._common import grouped_tile
 
-_GPU_CONFIGS = [
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, 4, 4),
-]
-_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
+# The implicit-GEMM convolutions' tiles (rows x input features x output features) fit a plain GEMM.
+_GPU_CONFIGS = _common.IMPLICIT_GEMM_GPU_CONFIGS
+_INTERPRETER_CONFIG = _common.IMPLICIT_GEMM_INTERPRETER_CONFIG
 _KEY = ["M", "IN_FEATURES", "OUT_FEATURES", "CP", "DOT_PRECISION"]
 
 
