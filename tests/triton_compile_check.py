@@ -22,7 +22,14 @@ import time
 
 
 def _jobs(all_configs: bool, archs: list[int]):
-    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad, exit_pool, referencing
+    from dfs_kernels.backends.triton import (
+        conv_forward,
+        conv_input_grad,
+        conv_weight_grad,
+        exit_pool,
+        linear_input_grad,
+        merge_channels,
+    )
 
     def pick(configs):
         return configs if all_configs else configs[:1]
@@ -52,6 +59,10 @@ def _jobs(all_configs: bool, archs: list[int]):
                            dict(dy_ptr=dtype, w_ptr=dtype, gp_ptr=dtype, dx_ptr=dtype),
                            dict(meta, KH=3, KW=3, FILL_POOLED=fill, DOT_PRECISION=precision, **unit),
                            ("inv_hw",), warps, stages)
+            for meta, warps, stages in pick(linear_input_grad._GPU_CONFIGS):
+                yield (arch, "linear_input_grad", linear_input_grad._linear_input_grad_kernel,
+                       dict(dy_ptr=dtype, w_ptr=dtype, dx_ptr=dtype),
+                       dict(meta, sdyk=1, swn=1, sdxn=1, DOT_PRECISION=precision), (), warps, stages)
             for meta, warps, stages in pick(conv_weight_grad._GPU_CONFIGS):
                 for unit in [dict(sdyw=1, sxw=1, DY_CHANNELS_CONTIGUOUS=False, X_PIXELS_CONTIGUOUS=True),
                              dict(sdyc=1, sxc=1, DY_CHANNELS_CONTIGUOUS=True, X_PIXELS_CONTIGUOUS=False)]:
@@ -66,9 +77,9 @@ def _jobs(all_configs: bool, archs: list[int]):
             for meta, warps, stages in pick(exit_pool._BROADCAST_CONFIGS):
                 yield (arch, "exit_pool_backward", exit_pool._exit_pool_backward_kernel,
                        dict(gp_ptr=dtype, dx_ptr=dtype), dict(meta, sdxc=1), ("inv_hw",), warps, stages)
-            for meta, warps, stages in pick(referencing._CONFIGS):
+            for meta, warps, stages in pick(merge_channels._CONFIGS):
                 for head, tail in [(True, True), (False, True)]:
-                    yield (arch, "merge_channels", referencing._merge_channels_kernel,
+                    yield (arch, "merge_channels", merge_channels._merge_channels_kernel,
                            dict(head_ptr=dtype, tail_ptr=dtype, out_ptr=dtype),
                            dict(meta, HAS_HEAD=head, HAS_TAIL=tail, sow=1), (), warps, stages)
 
@@ -94,6 +105,8 @@ def main(argv=None) -> int:
     started = time.time()
     count = 0
     for arch, name, fn, pointers, constants, floats, warps, stages in _jobs(args.all, [int(a) for a in args.arch.split(",")]):
+        if "ACC_DTYPE" in fn.arg_names:  # float32 accumulation: float64 runs only under the interpreter
+            constants = dict(constants, ACC_DTYPE=triton.language.float32)
         signature = {
             arg: "constexpr" if arg in constants else "*" + pointers[arg] if arg in pointers
             else "fp32" if arg in floats else "i32"
