@@ -198,3 +198,26 @@ def test_export_lowers_a_token_model_to_aten():
     program = torch.export.export(model, (tokens,)).run_decompositions(dfs_kernels.export_decompositions())
     assert not any(str(node.target).startswith("dfs_kernels.") for node in program.graph.nodes)
     torch.testing.assert_close(program.module()(tokens), model.proj.to_linear()(tokens).mean(dim=1))
+
+
+# --- CUDA: every GPU backend, half precision included -----------------------------------------------
+
+CUDA_BACKENDS = ["aten", "cudnn", "triton"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("cp", [0, 1, 95, 96, 48])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_against_reference(backend, cp, dtype):
+    reason = dfs_kernels.unavailable_reason(backend, "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    leaves = [torch.randn(4, 33, 96, device="cuda", dtype=dtype).requires_grad_(),
+              torch.randn(80, 96, device="cuda", dtype=dtype).requires_grad_(),
+              torch.randn(80, device="cuda", dtype=dtype).requires_grad_()]
+    compare_backward(
+        lambda x, w, b: functional.partitioned_linear(x, w, b, shared_features=cp, backend=backend),
+        lambda x, w, b: reference.partitioned_linear(x, w, b, cp),
+        leaves, dtype=dtype, names=["input", "weight", "bias"],
+    )
