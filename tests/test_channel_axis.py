@@ -114,3 +114,14 @@ def test_bad_dim_is_refused(call):
         fn(torch.randn(2, 3, 4), 5, dim=-1)
     with pytest.raises(ValueError, match="x must be 4-D"):  # dim=1 keeps meaning [N, C, H, W]
         fn(torch.randn(2, 3, 4), 1, dim=1)
+
+
+@pytest.mark.skipif("aten" not in BACKENDS, reason="aten backend unavailable")
+def test_compile_fullgraph_on_tokens():
+    def split_and_pool(tokens):
+        backbone, exit_view = functional.reroute(tokens, 3, dim=-1, backend="aten")
+        return backbone.tanh(), functional.exit_avg_pool(exit_view.sin(), 3, dim=-1, backend="aten")
+
+    compiled = torch.compile(split_and_pool, backend="aot_eager", fullgraph=True)
+    tokens = torch.randn(2, 5, 7, requires_grad=True)
+    compare_backward(compiled, split_and_pool, [tokens], names=["tokens"])
