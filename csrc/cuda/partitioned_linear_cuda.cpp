@@ -3,7 +3,7 @@
 // [M, Cp] slice of the full [M, in_features] gradient in place (cuBLAS takes its leading dimension,
 // in_features), on the current stream, and the referenced features [Cp, in) are zeroed; no temporary,
 // no copy. The ATen implementation (../partitioned_linear.cpp) already does exactly this on any device;
-// this binding checks the devices and sets the device guard.
+// this binding sets the device guard.
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -15,18 +15,11 @@
 namespace dfs_kernels {
 namespace {
 
-constexpr const char* kInputGradOp = "cudnn_partitioned_linear_input_grad";
-
-void check_on_device(const at::Tensor& t, const at::Device& device, const char* name) {
-  TORCH_CHECK(t.device() == device, kInputGradOp, ": ", name, " must be on ", device, " like input, got ",
-              t.device());
-}
-
+// ATen's mm checks that grad_output and weight are on input's device.
 at::Tensor partitioned_linear_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                                               const at::Tensor& weight, int64_t shared_features) {
-  TORCH_CHECK(input.is_cuda(), kInputGradOp, ": input must be a CUDA tensor, got one on ", input.device());
-  check_on_device(grad_output, input.device(), "grad_output");
-  check_on_device(weight, input.device(), "weight");
+  TORCH_CHECK(input.is_cuda(), "cudnn_partitioned_linear_input_grad: input must be a CUDA tensor, got one on ",
+              input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   return partitioned_linear_input_grad(grad_output, input, weight, shared_features);
 }
