@@ -31,7 +31,8 @@ __all__ = ["OpSet", "channels", "exit_avg_pool", "partitioned_conv2d", "partitio
 
 def register_prefix(conv_prefix: str, glue_prefix: str | None) -> None:
     """Registers fakes, autograd and FLOP formulas of the families a backend defines: the
-    partitioned-convolution and partitioned-linear families (the GEMMs) under ``conv_prefix`` and, unless ``glue_prefix`` is None (a
+    partitioned-convolution and partitioned-linear families (the GEMMs) under ``conv_prefix`` and,
+    unless ``glue_prefix`` is None (a
     backend that reuses another's), the exit-pooling and channel families under ``glue_prefix``.
     Called once per backend, after its ops are defined."""
     partitioned_conv2d.register(conv_prefix, glue_prefix or "")

@@ -18,9 +18,10 @@ def _no_check(tensor: torch.Tensor) -> None:
 @dataclasses.dataclass(frozen=True)
 class OpSet:
     """A backend whose DFS ops are registered ops: ``torch.ops.dfs_kernels.{conv_prefix}partitioned_conv2d``,
-    ``..._with_exit_pool`` and ``{conv_prefix}partitioned_linear``, ``{glue_prefix}exit_avg_pool`` and, for the split-point views,
-    ``{glue_prefix}merge_channels``. Arguments come validated from ``dfs_kernels.functional``
-    (padding numeric, ``dim`` a non-negative channel axis); ``check_input`` rejects what the kernels cannot run (the Triton dtypes)."""
+    ``..._with_exit_pool`` and ``{conv_prefix}partitioned_linear``, ``{glue_prefix}exit_avg_pool`` and,
+    for the split-point views, ``{glue_prefix}merge_channels``. Arguments come validated from
+    ``dfs_kernels.functional`` (padding numeric, ``dim`` a non-negative channel axis); ``check_input``
+    rejects what the kernels cannot run (the Triton dtypes)."""
 
     name: str
     conv_prefix: str

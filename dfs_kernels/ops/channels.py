@@ -137,4 +137,5 @@ class ExitReference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_exit):
-        return _merge_on_axis(ctx.glue_prefix, None, grad_exit, ctx.shared_channels, ctx.dim, ctx.shape), None, None, None
+        grad = _merge_on_axis(ctx.glue_prefix, None, grad_exit, ctx.shared_channels, ctx.dim, ctx.shape)
+        return grad, None, None, None
