@@ -36,6 +36,21 @@ TORCH_LIBRARY(dfs_kernels, m) {
       "cudnn_partitioned_conv2d_input_grad(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int shared_channels, Tensor? grad_pooled=None) -> Tensor");
 
+  // --- partitioned linear layer (dfs_kernels/ops/partitioned_linear.py) ---
+  // Forward: linear(input [..., in_features], weight, bias) over every input feature; its backward keeps
+  // the input gradient of features [0, shared_features) only (the split is on the last axis).
+  m.def("partitioned_linear(Tensor input, Tensor weight, Tensor? bias, int shared_features) -> Tensor");
+  // Input gradient of features [0, shared_features) (input is read for its shape), zeros on the others:
+  // one tensor, the GEMM writing its slice in place.
+  m.def(
+      "partitioned_linear_input_grad(Tensor grad_output, Tensor input, Tensor weight, int shared_features) "
+      "-> Tensor");
+  // The "cudnn" backend: the same schemas and results, cuBLAS writing the slice with its leading dimension.
+  m.def("cudnn_partitioned_linear(Tensor input, Tensor weight, Tensor? bias, int shared_features) -> Tensor");
+  m.def(
+      "cudnn_partitioned_linear_input_grad(Tensor grad_output, Tensor input, Tensor weight, int shared_features) "
+      "-> Tensor");
+
   // --- exit pooling (dfs_kernels/ops/exit_avg_pool.py) ---
   // Global average pool of an exit; its backward reaches only channels [shared_channels, C).
   m.def("exit_avg_pool(Tensor input, int shared_channels) -> Tensor");

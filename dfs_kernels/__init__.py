@@ -1,6 +1,7 @@
 """dfs_kernels: exact and fast Deep Feature Surgery for multi-exit networks.
 
-Swap ``nn.Conv2d`` for ``dfs_kernels.PartitionedConv2d`` (or call ``dfs_kernels.convert(model)``),
+Swap ``nn.Conv2d`` for ``dfs_kernels.PartitionedConv2d`` (or call ``dfs_kernels.convert(model)``) and
+``nn.Linear`` for ``dfs_kernels.PartitionedLinear`` where a transformer reads a rerouted hidden state,
 reference features at exits with ``ExitHead`` / ``FeatureReroute``, and train as usual. For
 deployment, ``export_decompositions()`` lowers an exported program to plain ATen ops and
 ``unconvert(model)`` turns partitioned convolutions back into ``nn.Conv2d``.
@@ -17,7 +18,7 @@ from .backends import (
     unavailable_reason,
 )
 from .export import export_decompositions
-from .nn import ExitHead, FeatureReroute, PartitionedConv2d, convert, unconvert
+from .nn import ExitHead, FeatureReroute, PartitionedConv2d, PartitionedLinear, convert, unconvert
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "ExitHead",
     "FeatureReroute",
     "PartitionedConv2d",
+    "PartitionedLinear",
     "available_backends",
     "convert",
     "export",

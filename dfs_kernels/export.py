@@ -3,7 +3,9 @@
 Deep Feature Surgery changes gradients only: the forward of every DFS op is an ATen op
 (docs/semantics.md). ``partitioned_conv2d`` is ``aten.convolution``, the fused stage
 ``partitioned_conv2d_with_exit_pool`` is that convolution and a mean over (H, W) of its input, and
-``exit_avg_pool`` is that mean; ``reroute`` and ``exit_reference`` are autograd Functions returning
+``exit_avg_pool`` is that mean (on another channel axis, the functional layer records the view it pools
+as ATen views), ``partitioned_linear`` is ``aten.linear`` (core ATen: a transpose and ``addmm`` or
+``matmul``); ``reroute`` and ``exit_reference`` are autograd Functions returning
 views, which ``torch.export`` already records as ATen views. So a trained DFS model leaves as a plain
 network::
 
@@ -46,8 +48,13 @@ def _convolution_and_pool(input, weight, bias, stride, padding, dilation, groups
     return conv, _mean_over_pixels(input, shared_channels)
 
 
+def _linear(input, weight, bias, shared_features):
+    return torch.ops.aten.linear.default(input, weight, bias)
+
+
 FORWARD_DECOMPOSITIONS: dict[str, Callable] = {
     "partitioned_conv2d": _convolution,
+    "partitioned_linear": _linear,
     "partitioned_conv2d_with_exit_pool": _convolution_and_pool,
     "exit_avg_pool": _mean_over_pixels,
 }

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import backends
-from ._validation import check_feature_map, check_matches, check_shared_channels
+from ._validation import check_channel_axis, check_feature_map, check_matches, check_shared_channels
 
 __all__ = [
-    "exit_avg_pool", "exit_reference", "partitioned_conv2d", "partitioned_conv2d_with_exit_pool", "reroute",
+    "exit_avg_pool", "exit_reference", "partitioned_conv2d", "partitioned_conv2d_with_exit_pool",
+    "partitioned_linear", "reroute",
 ]
 
 
@@ -39,16 +40,23 @@ def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _checked_weight_and_cast(input, weight, bias, dims: int, layout: str):
+    """Checks that ``weight`` is a ``dims``-D tensor (``layout`` names its axes in the error), casts the
+    three as autocast would, and checks weight and bias against the input's device and dtype."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != dims:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a {dims}-D {layout} tensor, got {shape}")
+    input, weight, bias = _autocast(input, weight, bias)
+    check_matches(weight, input, "weight")
+    check_matches(bias, input, "bias")
+    return input, weight, bias
+
+
 def _checked_conv_arguments(input, weight, bias, stride, dilation, groups, shared_channels):
     """Validates a partitioned convolution's arguments (each error names its argument) and returns
     (input, weight, bias) as autocast would cast them, with stride and dilation as pairs."""
     check_feature_map(input, "input")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 4-D [C_out, C_in / groups, kH, kW] tensor, got {shape}")
-    input, weight, bias = _autocast(input, weight, bias)
-    check_matches(weight, input, "weight")
-    check_matches(bias, input, "bias")
+    input, weight, bias = _checked_weight_and_cast(input, weight, bias, 4, "[C_out, C_in / groups, kH, kW]")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     in_channels, out_channels = weight.shape[1] * groups, weight.shape[0]
@@ -152,32 +160,78 @@ def partitioned_conv2d(
     return output.squeeze(0) if unbatched else output
 
 
+def partitioned_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shared_features: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``linear([x+, sg(x-)], weight, bias)`` split on the last axis: a linear layer whose input
+    gradient reaches only the first ``shared_features`` input features.
+
+    Args:
+        input: [..., in_features] (any leading dimensions: a batch, tokens [N, T, in_features]).
+        weight: [out_features, in_features].
+        bias: [out_features] or None.
+        shared_features: Cp in [0, in_features]; features [0, Cp) are shared, [Cp, in_features) referenced.
+        backend: "auto" or a name from ``dfs_kernels.available_backends()``.
+
+    Returns:
+        [..., out_features], equal to ``F.linear(input, weight, bias)``. Backward gives the weight and
+        bias gradients in full and an input gradient that is zero on [Cp, in_features), where backends
+        other than "reference" never compute it.
+    """
+    if not isinstance(input, torch.Tensor) or input.dim() < 1:
+        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+        raise ValueError(f"input must be a tensor [..., in_features] of at least 1 dimension, got {shape}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must have a floating dtype, got {input.dtype}")
+    input, weight, bias = _checked_weight_and_cast(input, weight, bias, 2, "[out_features, in_features]")
+    out_features, in_features = weight.shape
+    if input.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have weight.shape[1] = {in_features} features on its last axis, got shape {tuple(input.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    check_shared_channels(shared_features, in_features, "shared_features")
+    return _ops(backend, input.device).partitioned_linear(input, weight, bias, int(shared_features))
+
+
 def reroute(
-    x: torch.Tensor, shared_channels: int, *, backend: str = "auto"
+    x: torch.Tensor, shared_channels: int, *, dim: int = 1, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split point of a DFS network: ``(backbone, exit) = ([x+, sg(x-)], [sg(x+), x-])``.
 
-    x: [N, C, H, W]. Both outputs equal ``x`` in the forward (views, no copy). In the backward, the
-    gradient of ``x`` is the backbone gradient on [:Cp] and the exit gradient on [Cp:], assembled in
-    one pass.
+    x: [N, C, H, W] with ``dim=1``; with another ``dim`` (not 0), any tensor whose channels lie on
+    that axis, e.g. tokens [N, T, D] with ``dim=-1`` (the first Cp features of D are shared). Both
+    outputs equal ``x`` in the forward (views, no copy). In the backward, the gradient of ``x`` is the
+    backbone gradient on [:Cp] and the exit gradient on [Cp:], assembled in one pass.
     """
-    check_feature_map(x, "x")
-    check_shared_channels(shared_channels, x.shape[1])
-    return _ops(backend, x.device).reroute(x, int(shared_channels))
+    axis = check_channel_axis(x, dim, "x")
+    check_shared_channels(shared_channels, x.shape[axis])
+    return _ops(backend, x.device).reroute(x, int(shared_channels), axis)
 
 
-def exit_reference(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
-    """``[sg(x+), x-]``: the forward is ``x``; the gradient reaches only channels [Cp:]. x: [N, C, H, W]."""
-    check_feature_map(x, "x")
-    check_shared_channels(shared_channels, x.shape[1])
-    return _ops(backend, x.device).exit_reference(x, int(shared_channels))
+def exit_reference(
+    x: torch.Tensor, shared_channels: int, *, dim: int = 1, backend: str = "auto"
+) -> torch.Tensor:
+    """``[sg(x+), x-]``: the forward is ``x``; the gradient reaches only channels [Cp:] of axis ``dim``.
+    x: [N, C, H, W] with ``dim=1``, or channels on another axis (``dim=-1`` for tokens [N, T, D])."""
+    axis = check_channel_axis(x, dim, "x")
+    check_shared_channels(shared_channels, x.shape[axis])
+    return _ops(backend, x.device).exit_reference(x, int(shared_channels), axis)
 
 
-def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, backend: str = "auto") -> torch.Tensor:
-    """``mean([sg(x+), x-], dim=(2, 3))``, the pooled read of an exit. [N, C, H, W] -> [N, C]."""
-    check_feature_map(x, "x")
-    check_shared_channels(shared_channels, x.shape[1])
-    return _ops(backend, x.device).exit_avg_pool(x, int(shared_channels))
+def exit_avg_pool(x: torch.Tensor, shared_channels: int, *, dim: int = 1, backend: str = "auto") -> torch.Tensor:
+    """The pooled read of an exit: the mean of ``[sg(x+), x-]`` over every axis but the batch axis 0
+    and the channel axis ``dim``. [N, C, H, W] -> [N, C] with ``dim=1``; tokens [N, T, D] -> [N, D]
+    with ``dim=-1``."""
+    axis = check_channel_axis(x, dim, "x")
+    check_shared_channels(shared_channels, x.shape[axis])
+    return _ops(backend, x.device).exit_avg_pool(x, int(shared_channels), axis)
 
 
 def partitioned_conv2d_with_exit_pool(

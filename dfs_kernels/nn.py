@@ -1,4 +1,5 @@
-"""Modules: ``PartitionedConv2d`` (a drop-in ``nn.Conv2d``), ``ExitHead``, ``FeatureReroute``;
+"""Modules: ``PartitionedConv2d`` (a drop-in ``nn.Conv2d``), ``PartitionedLinear`` (a drop-in
+``nn.Linear``), ``ExitHead``, ``FeatureReroute``;
 ``convert``, which turns the convolutions of an existing model into partitioned ones, and
 ``unconvert``, its inverse."""
 
@@ -8,42 +9,39 @@ import torch
 from torch import nn
 
 from . import functional
-from ._validation import check_beta, check_feature_map, check_shared_channels, shared_channels_for
+from ._validation import (
+    check_beta,
+    check_channel_axis,
+    check_feature_map,
+    check_shared_channels,
+    shared_channels_for,
+)
 from .backends import check_backend_name
 
-__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "convert", "unconvert"]
+__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "PartitionedLinear", "convert", "unconvert"]
 
 
-class _ChannelPartition:
-    """``shared_channels`` (Cp) and ``beta`` of a module whose forward partitions ``_partitioned_channels``
-    (C) channels. Both are properties: an assignment after construction is validated and takes effect
-    at the next forward. Neither is a parameter or buffer, so state_dict keys do not change."""
+class _Partition:
+    """``beta`` of a module whose forward partitions ``_partitioned_size`` (C) channels or features,
+    Cp of them shared. Assigning ``beta`` (or the subclass's Cp property) after construction is validated
+    and takes effect at the next forward. Neither is a parameter or buffer, so state_dict keys do not
+    change."""
 
-    _shared_channels: int
+    _shared_count: int
 
     @property
-    def _partitioned_channels(self) -> int:
+    def _partitioned_size(self) -> int:
         raise NotImplementedError
 
     @property
-    def shared_channels(self) -> int:
-        """Cp, an int in [0, C]: channels [0, Cp) are shared, [Cp, C) referenced."""
-        return self._shared_channels
-
-    @shared_channels.setter
-    def shared_channels(self, value: int) -> None:
-        check_shared_channels(value, self._partitioned_channels)
-        self._shared_channels = int(value)
-
-    @property
     def beta(self) -> float:
-        """Cp / C, the fraction of shared channels; assigning it sets Cp = round(beta * C)."""
-        channels = self._partitioned_channels
-        return self._shared_channels / channels if channels else 0.0
+        """Cp / C, the fraction shared; assigning it sets Cp = round(beta * C)."""
+        size = self._partitioned_size
+        return self._shared_count / size if size else 0.0
 
     @beta.setter
     def beta(self, value: float) -> None:
-        self._shared_channels = shared_channels_for(self._partitioned_channels, value)
+        self._shared_count = shared_channels_for(self._partitioned_size, value)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling anything: the one place to
@@ -52,8 +50,24 @@ class _ChannelPartition:
             f"torch.jit.script is not supported for dfs_kernels.{type(self).__name__}: TorchScript cannot "
             "compile the backend dispatch of the DFS ops. Use torch.export instead, with "
             "ep.run_decompositions(dfs_kernels.export_decompositions()) for a program of plain ATen ops, "
-            "or torch.jit.trace; dfs_kernels.unconvert(model) turns PartitionedConv2d back into nn.Conv2d."
+            "or torch.jit.trace; dfs_kernels.unconvert(model) turns PartitionedConv2d back into nn.Conv2d "
+            "and PartitionedLinear.to_linear() gives the plain nn.Linear."
         )
+
+
+class _ChannelPartition(_Partition):
+    """``shared_channels`` (Cp) and ``beta`` of a module whose forward partitions ``_partitioned_size``
+    (C) channels."""
+
+    @property
+    def shared_channels(self) -> int:
+        """Cp, an int in [0, C]: channels [0, Cp) are shared, [Cp, C) referenced."""
+        return self._shared_count
+
+    @shared_channels.setter
+    def shared_channels(self, value: int) -> None:
+        check_shared_channels(value, self._partitioned_size)
+        self._shared_count = int(value)
 
 
 class PartitionedConv2d(_ChannelPartition, nn.Conv2d):
@@ -100,12 +114,12 @@ class PartitionedConv2d(_ChannelPartition, nn.Conv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self.shared_channels = shared_channels_for(in_channels, beta, shared_channels)
+        self._shared_count = shared_channels_for(in_channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
 
     @property
-    def _partitioned_channels(self) -> int:
+    def _partitioned_size(self) -> int:
         return self.in_channels
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -162,13 +176,100 @@ class PartitionedConv2d(_ChannelPartition, nn.Conv2d):
         return conv
 
 
-def _is_lazy_conv(module: nn.Module) -> bool:
+class PartitionedLinear(_Partition, nn.Linear):
+    """``nn.Linear`` whose input is partitioned for Deep Feature Surgery: ``linear([x+, sg(x-)])`` with
+    the split on the last axis (the input features), as for the Q/K/V projections of a post-LN
+    transformer layer that reads a rerouted hidden state.
+
+    Same constructor arguments, parameters, initialization and state_dict keys as ``nn.Linear``. The
+    forward equals ``nn.Linear``'s; in the backward the weight and bias gradients are full, the input
+    gradient reaches only the first ``shared_features`` (Cp) input features, and the backends other
+    than "reference" never compute it for the others: the input-gradient GEMM shrinks to Cp / in_features.
+
+    Keyword-only args:
+        beta: fraction of shared input features, in [0, 1]; Cp = round(beta * in_features) (banker's
+            rounding, as ``PartitionedConv2d``).
+        shared_features: Cp as an int in [0, in_features]; overrides ``beta``.
+        backend: "auto" or a backend name (``dfs_kernels.available_backends()``).
+
+    ``shared_features`` and ``beta`` may be assigned after construction (validated, effective at the
+    next forward). Shapes: input [..., in_features] -> [..., out_features].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        beta: float = 0.5,
+        shared_features: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._shared_count = shared_channels_for(in_features, beta, shared_features, "shared_features")
+        check_backend_name(backend)
+        self.backend = backend
+
+    @property
+    def _partitioned_size(self) -> int:
+        return self.in_features
+
+    @property
+    def shared_features(self) -> int:
+        """Cp, an int in [0, in_features]: input features [0, Cp) are shared, [Cp, in_features) referenced."""
+        return self._shared_count
+
+    @shared_features.setter
+    def shared_features(self, value: int) -> None:
+        check_shared_channels(value, self.in_features, "shared_features")
+        self._shared_count = int(value)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.partitioned_linear(
+            input, self.weight, self.bias, shared_features=self.shared_features, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared_features={self.shared_features}, backend={self.backend!r}"
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, beta: float = 0.5, shared_features: int | None = None, backend: str = "auto"
+    ) -> PartitionedLinear:
+        """A PartitionedLinear that shares ``linear``'s parameters (the same Parameter objects, so an
+        optimizer built on ``linear`` keeps working)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if _is_lazy(linear):
+            raise ValueError(
+                f"linear is an uninitialized lazy layer ({type(linear).__name__} before its first forward): its "
+                "in_features and weight do not exist yet. Run one forward pass first, then convert it."
+            )
+        partitioned = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+            beta=beta, shared_features=shared_features, backend=backend,
+        )
+        _adopt(partitioned, linear)
+        return partitioned
+
+    def to_linear(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with the same parameters (shared, not copied): for export and
+        inference, where forward values are identical."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        _adopt(linear, self)
+        return linear
+
+
+def _is_lazy(module: nn.Module) -> bool:
     """Whether ``module`` is a lazy module before its first forward (its parameters do not exist yet)."""
     return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
 
 
 def _check_initialized(conv: nn.Conv2d, name: str) -> None:
-    if _is_lazy_conv(conv):
+    if _is_lazy(conv):
         raise ValueError(
             f"{name} is an uninitialized lazy convolution ({type(conv).__name__} before its first forward): "
             "its in_channels and weight do not exist yet. Run one forward pass first, then convert it."
@@ -204,12 +305,12 @@ class ExitHead(_ChannelPartition, nn.Module):
     ) -> None:
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes, bias=bias, device=device, dtype=dtype)
-        self.shared_channels = shared_channels_for(in_channels, beta, shared_channels)
+        self._shared_count = shared_channels_for(in_channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
 
     @property
-    def _partitioned_channels(self) -> int:
+    def _partitioned_size(self) -> int:
         return self.fc.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,28 +324,34 @@ class ExitHead(_ChannelPartition, nn.Module):
 
 class FeatureReroute(_ChannelPartition, nn.Module):
     """A DFS split point: ``forward(x) -> (backbone, exit)`` with backbone = ``[x+, sg(x-)]`` and
-    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W].
-    ``shared_channels`` and ``beta`` may be assigned after construction (validated against ``channels``)."""
+    exit = ``[sg(x+), x-]`` (see ``dfs_kernels.functional.reroute``). x: [N, C, H, W] with ``dim=1``,
+    tokens [N, T, C] with ``dim=-1``. ``shared_channels`` and ``beta`` may be assigned after
+    construction (validated against ``channels``)."""
 
     def __init__(
-        self, channels: int, *, beta: float = 0.5, shared_channels: int | None = None, backend: str = "auto"
+        self, channels: int, *, beta: float = 0.5, shared_channels: int | None = None, dim: int = 1,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim == 0:
+            raise ValueError(f"dim must be a channel axis other than the batch axis 0 (1 or -1), got {dim!r}")
         self.channels = channels
-        self.shared_channels = shared_channels_for(channels, beta, shared_channels)
+        self.dim = dim
+        self._shared_count = shared_channels_for(channels, beta, shared_channels)
         check_backend_name(backend)
         self.backend = backend
 
     @property
-    def _partitioned_channels(self) -> int:
+    def _partitioned_size(self) -> int:
         return self.channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_feature_map(x, "x", channels=self.channels)
-        return functional.reroute(x, self.shared_channels, backend=self.backend)
+        check_channel_axis(x, self.dim, "x", channels=self.channels)
+        return functional.reroute(x, self.shared_channels, dim=self.dim, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, shared_channels={self.shared_channels}, backend={self.backend!r}"
+        dim = "" if self.dim == 1 else f", dim={self.dim}"
+        return f"channels={self.channels}, shared_channels={self.shared_channels}{dim}, backend={self.backend!r}"
 
 
 def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, backend: str = "auto") -> nn.Module:
@@ -268,7 +375,7 @@ def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, bac
         convs = convs[1:]
     replacements = {}
     for name, conv in convs:  # named_modules lists a shared module once, under its first name
-        if type(conv) is nn.Conv2d or _is_lazy_conv(conv):
+        if type(conv) is nn.Conv2d or _is_lazy(conv):
             _check_initialized(conv, f"model.{name}" if name else "model")
             replacements[id(conv)] = PartitionedConv2d.from_conv(conv, beta=beta, backend=backend)
     return _replace(model, replacements)

@@ -3,7 +3,8 @@
 Each function is written the way the original research code does it (split, detach, separate
 convolutions, add, cat), trading speed for being obviously right. Notation (docs/semantics.md):
 ``x+ = x[:, :Cp]`` are the shared channels, ``x- = x[:, Cp:]`` the referenced ones, ``sg`` is
-``detach``.
+``detach``. The split-point functions take the channel axis ``dim``: 1 for feature maps
+[N, C, H, W], -1 for tokens [N, T, D] (the shared channels are then the first Cp features of D).
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ import torch
 import torch.nn.functional as F
 
 
-def partition(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
-    """``[x+, sg(x-)]``: what the next backbone layer consumes. [N, C, H, W] -> [N, C, H, W]."""
-    return torch.cat([x[:, :shared_channels], x[:, shared_channels:].detach()], dim=1)
+def partition(x: torch.Tensor, shared_channels: int, dim: int = 1) -> torch.Tensor:
+    """``[x+, sg(x-)]`` along ``dim``: what the next backbone layer consumes. Same shape as x."""
+    shared, referenced = x.split([shared_channels, x.shape[dim] - shared_channels], dim=dim)
+    return torch.cat([shared, referenced.detach()], dim=dim)
 
 
-def exit_reference(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
-    """``[sg(x+), x-]``: what an exit consumes. [N, C, H, W] -> [N, C, H, W]."""
-    return torch.cat([x[:, :shared_channels].detach(), x[:, shared_channels:]], dim=1)
+def exit_reference(x: torch.Tensor, shared_channels: int, dim: int = 1) -> torch.Tensor:
+    """``[sg(x+), x-]`` along ``dim``: what an exit consumes. Same shape as x."""
+    shared, referenced = x.split([shared_channels, x.shape[dim] - shared_channels], dim=dim)
+    return torch.cat([shared.detach(), referenced], dim=dim)
 
 
-def reroute(x: torch.Tensor, shared_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reroute(x: torch.Tensor, shared_channels: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone view ``[x+, sg(x-)]`` and the exit view ``[sg(x+), x-]`` of one split point."""
-    return partition(x, shared_channels), exit_reference(x, shared_channels)
+    return partition(x, shared_channels, dim), exit_reference(x, shared_channels, dim)
 
 
 def partitioned_conv2d(
@@ -57,9 +60,21 @@ def partitioned_conv2d(
     return shared + referenced
 
 
-def exit_avg_pool(x: torch.Tensor, shared_channels: int) -> torch.Tensor:
-    """Global average pool of the exit view. [N, C, H, W] -> [N, C]."""
-    return exit_reference(x, shared_channels).mean(dim=(2, 3))
+def exit_avg_pool(x: torch.Tensor, shared_channels: int, dim: int = 1) -> torch.Tensor:
+    """Global average pool of the exit view over every axis but the batch (0) and the channels
+    (``dim``): [N, C, H, W] -> [N, C] with dim=1, [N, T, D] -> [N, D] with dim=-1."""
+    channel_axis = dim % x.dim()
+    pooled_axes = [axis for axis in range(1, x.dim()) if axis != channel_axis]
+    view = exit_reference(x, shared_channels, dim)
+    return view.mean(dim=pooled_axes) if pooled_axes else view  # mean(dim=[]) would reduce every axis
+
+
+def partitioned_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared_features: int
+) -> torch.Tensor:
+    """``linear([x+, sg(x-)], weight, bias)`` with the split on the last axis (the input features).
+    input [..., in_features], weight [out_features, in_features], bias [out_features] -> [..., out_features]."""
+    return F.linear(partition(input, shared_features, dim=-1), weight, bias)
 
 
 def exit_head(

@@ -170,7 +170,8 @@ or None where it uses those of "aten")."""
 
 def opcheck_cases(backend: str, device="cpu", dtype=torch.float32) -> list[tuple[str, tuple]]:
     """(op name, arguments) covering every registered op of ``backend``: odd shapes, NCHW and NHWC,
-    groups, stride and dilation, Cp at 0, in the middle and cutting a group, the exit's gradient."""
+    groups, stride and dilation, Cp at 0, in the middle and cutting a group, the exit's gradient; for
+    the linear ops tokens, rows and strided views, Cp at 0, in the middle and at in_features."""
     conv, glue = OP_PREFIXES[backend]
 
     def t(*shape, cl=False, grad=False):
@@ -191,6 +192,15 @@ def opcheck_cases(backend: str, device="cpu", dtype=torch.float32) -> list[tuple
         (f"{conv}partitioned_conv2d_input_grad", (grad_out, x, w_grouped, [1, 1], [1, 1], [1, 1], 2, 0, t(2, 6))),
         (f"{conv}partitioned_conv2d_with_exit_pool", (leaf(x), leaf(w), t(4, grad=True), [1, 1], [1, 1], [1, 1], 1, 2)),
         (f"{conv}partitioned_conv2d_with_exit_pool", (leaf(x_cl), leaf(w_grouped), None, [1, 1], [1, 1], [1, 1], 2, 5)),
+    ]
+    tokens, rows, w_linear = t(3, 5, 7), t(6, 7), t(4, 7)
+    cases += [
+        (f"{conv}partitioned_linear", (leaf(tokens), leaf(w_linear), t(4, grad=True), 3)),
+        (f"{conv}partitioned_linear", (leaf(rows), leaf(w_linear), None, 0)),
+        (f"{conv}partitioned_linear", (leaf(tokens.transpose(0, 1)), leaf(w_linear), None, 7)),
+        (f"{conv}partitioned_linear_input_grad", (t(3, 5, 4, grad=True), tokens, leaf(w_linear), 3)),
+        (f"{conv}partitioned_linear_input_grad", (t(6, 4), rows, t(7, 4).t(), 7)),
+        (f"{conv}partitioned_linear_input_grad", (t(6, 4), rows, w_linear, 0)),
     ]
     if glue is not None:
         cases += [

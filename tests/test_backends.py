@@ -124,6 +124,19 @@ def test_measured_auto_keeps_aten_within_noise(fresh_auto_cache):
     assert [entry["backend"] for entry in backends.auto_choices().values()] == ["aten", "aten"]
 
 
+def test_measured_auto_token_ops_and_linear(fresh_auto_cache):
+    """The channel axis and the linear layer go through the measured choice like the other ops, each
+    call shape its own key."""
+    auto = backends.MeasuredAuto(["aten", "reference"], device_type="cpu", timer=FakeTimer([1.0, 0.5]))
+    tokens = torch.randn(2, 5, 6, requires_grad=True)
+    weight = torch.randn(4, 6, requires_grad=True)
+    assert_close(auto.exit_avg_pool(tokens, 3, 2), tokens.mean(dim=1), name="pooled")
+    assert_close(auto.partitioned_linear(tokens, weight, None, 3), tokens @ weight.t(), name="linear")
+    keys = list(backends.auto_choices())
+    assert [key[0] for key in keys] == ["exit_avg_pool", "partitioned_linear"]
+    assert all(entry["backend"] == "reference" for entry in backends.auto_choices().values())
+
+
 def test_measured_auto_disk_cache(fresh_auto_cache, tmp_path, monkeypatch):
     path = tmp_path / "auto.json"
     monkeypatch.setenv("DFS_KERNELS_AUTOTUNE_CACHE", str(path))

@@ -63,7 +63,8 @@ def test_every_forward_op_has_a_decomposition():
         name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("dfs_kernels::")
     }
     decomposed = {op.name().split("::")[1] for op in dfs_kernels.export.decompositions()}
-    assert {"partitioned_conv2d", "partitioned_conv2d_with_exit_pool", "exit_avg_pool"} <= decomposed
+    expected = {"partitioned_conv2d", "partitioned_conv2d_with_exit_pool", "exit_avg_pool", "partitioned_linear"}
+    assert expected <= decomposed
     missing = {name for name in registered - decomposed if not BACKWARD_ONLY.search(name)}
     assert not missing, f"dfs_kernels ops with no export decomposition: {sorted(missing)}"
 
@@ -80,20 +81,41 @@ def _op_arguments(op: torch._ops.OpOverload, x: torch.Tensor, conv: nn.Conv2d) -
     return arguments
 
 
-@pytest.mark.parametrize("op", sorted(dfs_kernels.export.decompositions(), key=str), ids=str)
+def _is_linear(op: torch._ops.OpOverload) -> bool:
+    return op.name().endswith("partitioned_linear")
+
+
+def _lowered_call(op, x, arguments) -> torch.export.ExportedProgram:
+    class CallOp(nn.Module):
+        def forward(self, x):
+            return op(x, *arguments)
+
+    program = torch.export.export(CallOp(), (x,)).run_decompositions(dfs_kernels.export_decompositions())
+    assert not _dfs_ops(program)
+    return program
+
+
+LINEAR_OPS = [op for op in dfs_kernels.export.decompositions() if _is_linear(op)]
+
+
+@pytest.mark.parametrize("op", sorted(LINEAR_OPS, key=str), ids=str)
+def test_linear_decomposition_is_aten_linear(op):
+    """partitioned_linear lowers to core ATen's GEMM (addmm or mm after a transpose) on tokens [N, T, D]."""
+    linear = nn.Linear(6, 4)
+    x = torch.randn(2, 5, 6)
+    program = _lowered_call(op, x, [linear.weight, linear.bias, 3])
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert targets & {"aten.addmm.default", "aten.mm.default", "aten.matmul.default", "aten.bmm.default"}, targets
+    assert_close(program.module()(x), F.linear(x, linear.weight, linear.bias), name=str(op))
+
+
+@pytest.mark.parametrize("op", sorted(set(dfs_kernels.export.decompositions()) - set(LINEAR_OPS), key=str), ids=str)
 def test_decomposition_is_the_forward_in_aten(op):
     """Each op, called alone (no kernel of it runs: export traces with fake tensors), lowers to ATen
     ops whose values are conv2d's and the pixel mean's. This covers the CUDA-only ops on CPU."""
     conv = nn.Conv2d(6, 4, 3, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
     x = torch.randn(2, 6, 9, 8)
-    arguments = _op_arguments(op, x, conv)
-
-    class CallOp(nn.Module):
-        def forward(self, x):
-            return op(x, *arguments[1:])
-
-    program = torch.export.export(CallOp(), (x,)).run_decompositions(dfs_kernels.export_decompositions())
-    assert not _dfs_ops(program)
+    program = _lowered_call(op, x, _op_arguments(op, x, conv)[1:])
     outputs = program.module()(x)
     expected = {
         "conv": F.conv2d(x, conv.weight, conv.bias, (2, 1), (1, 0), (1, 2), 2),

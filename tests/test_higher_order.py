@@ -40,13 +40,31 @@ def _op(name: str, backend: str):
             return (lambda x, fc: reference.exit_head(x, fc, None, CP)), (x, fc)
         head = dfs_kernels.ExitHead(C, 4, shared_channels=CP, bias=False, backend=backend).double()
         return (lambda x, fc: torch.func.functional_call(head, {"fc.weight": fc}, (x,))), (x, fc)
+    if name == "partitioned_linear":
+        leaves = (torch.randn(2, 3, C, dtype=torch.float64), torch.randn(4, C, dtype=torch.float64),
+                  torch.randn(4, dtype=torch.float64))
+        if oracle:
+            return (lambda x, w, b: reference.partitioned_linear(x, w, b, CP)), leaves
+        return (lambda x, w, b: functional.partitioned_linear(x, w, b, shared_features=CP, backend=backend)), leaves
     source = reference if oracle else functional
+    if name.endswith(TOKENS):  # the channels on the last axis of tokens [N, T, C]
+        fn = getattr(source, name.removesuffix(TOKENS))
+        tokens = torch.randn(2, 3, C, dtype=torch.float64)
+        if oracle:
+            return (lambda x: fn(x, CP, -1)), (tokens,)
+        return (lambda x: fn(x, CP, dim=-1, backend=backend)), (tokens,)
     extra = {} if oracle else {"backend": backend}
     fn = getattr(source, name)
     return (lambda x: fn(x, CP, **extra)), (x,)
 
 
-OPS = ["partitioned_conv2d", "stage", "reroute", "exit_reference", "exit_avg_pool", "exit_head"]
+TOKENS = "_tokens"
+OPS = ["partitioned_conv2d", "stage", "reroute", "exit_reference", "exit_avg_pool", "exit_head", "partitioned_linear",
+       "reroute_tokens", "exit_reference_tokens", "exit_avg_pool_tokens"]
+
+
+def _channel_axis(name: str) -> int:
+    return -1 if name.endswith(TOKENS) or name == "partitioned_linear" else 1
 
 
 def _outputs(fn, leaves):
@@ -88,15 +106,16 @@ def _checkable_functions(name: str, backend: str):
     comparison with the reference)."""
     fn, leaves = _op(name, backend)
     x, *params = leaves
-    shared, referenced = x[:, :CP].clone(), x[:, CP:].clone()
-    with_shared = lambda s, *params: fn(torch.cat([s, referenced], 1), *params)  # noqa: E731
-    with_referenced = lambda r, *params: fn(torch.cat([shared, r], 1), *params)  # noqa: E731
-    if name == "partitioned_conv2d":
+    axis = _channel_axis(name)
+    shared, referenced = (part.clone() for part in x.split([CP, C - CP], dim=axis))
+    with_shared = lambda s, *params: fn(torch.cat([s, referenced], axis), *params)  # noqa: E731
+    with_referenced = lambda r, *params: fn(torch.cat([shared, r], axis), *params)  # noqa: E731
+    if name in ("partitioned_conv2d", "partitioned_linear"):
         return [(with_shared, (shared, *params))]
     if name == "stage":
         return [(lambda s, *params: with_shared(s, *params)[0], (shared, *params)),
                 (lambda r, *params: with_referenced(r, *params)[1], (referenced, *params))]
-    if name == "reroute":
+    if name.startswith("reroute"):
         return [(lambda s: with_shared(s)[0], (shared,)), (lambda r: with_referenced(r)[1], (referenced,))]
     return [(with_referenced, (referenced, *params))]
 
@@ -140,7 +159,8 @@ def _as_tuple(value):
     return value if isinstance(value, tuple) else (value,)
 
 
-@pytest.mark.parametrize("name", ["partitioned_conv2d", "stage", "reroute", "exit_head"])
+@pytest.mark.parametrize("name", ["partitioned_conv2d", "stage", "reroute", "exit_head", "partitioned_linear",
+                                  "reroute_tokens"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_func_grad_jacrev_jacfwd_equal_reference(backend, name):
     fn, leaves = _op(name, backend)
@@ -199,6 +219,7 @@ def test_input_gradient_is_a_tensor_at_every_cp(backend):
     gradient at all), every backend gives x a gradient tensor, zero where DFS says so."""
     x = torch.randn(2, C, 5, 4, requires_grad=True)
     w = torch.randn(3, C, 3, 3)
+    w_linear = torch.randn(3, 4)  # on the last axis of x, of size 4
     for cp in (0, C):
         checks = {
             "partitioned_conv2d": lambda: functional.partitioned_conv2d(x, w, padding=1, shared_channels=cp,
@@ -207,6 +228,9 @@ def test_input_gradient_is_a_tensor_at_every_cp(backend):
             "exit_avg_pool": lambda: functional.exit_avg_pool(x, cp, backend=backend),
             "reroute backbone": lambda: functional.reroute(x, cp, backend=backend)[0],
             "reroute exit": lambda: functional.reroute(x, cp, backend=backend)[1],
+            "partitioned_linear": lambda: functional.partitioned_linear(x, w_linear, shared_features=min(cp, 4),
+                                                                        backend=backend),
+            "token exit_avg_pool": lambda: functional.exit_avg_pool(x, min(cp, 4), dim=-1, backend=backend),
         }
         expected_runs = {
             "partitioned_conv2d": lambda: reference.partitioned_conv2d(x, w, padding=1, shared_channels=cp),
@@ -214,6 +238,8 @@ def test_input_gradient_is_a_tensor_at_every_cp(backend):
             "exit_avg_pool": lambda: reference.exit_avg_pool(x, cp),
             "reroute backbone": lambda: reference.reroute(x, cp)[0],
             "reroute exit": lambda: reference.reroute(x, cp)[1],
+            "partitioned_linear": lambda: reference.partitioned_linear(x, w_linear, None, min(cp, 4)),
+            "token exit_avg_pool": lambda: reference.exit_avg_pool(x, min(cp, 4), -1),
         }
         for name, run in checks.items():
             (grad,) = torch.autograd.grad(run().square().sum(), x)  # raises if x got no gradient at all

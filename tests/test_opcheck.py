@@ -68,7 +68,7 @@ def _signature(prefix: str, name: str) -> tuple:
 @pytest.mark.skipif(not dfs_kernels.extension_loaded(), reason="the compiled ops library is not loaded")
 @pytest.mark.parametrize("name", ["partitioned_conv2d", "partitioned_conv2d_with_exit_pool",
                                   "partitioned_conv2d_input_grad", "exit_avg_pool", "exit_avg_pool_backward",
-                                  "merge_channels"])
+                                  "merge_channels", "partitioned_linear", "partitioned_linear_input_grad"])
 def test_each_op_family_has_one_schema_on_every_backend(name):
     registered = _registered_op_names()
     prefixes = {prefix for conv_prefix, glue_prefix in OP_PREFIXES.values()

@@ -35,7 +35,14 @@ import time
 
 
 def _jobs(all_configs: bool, archs: list[int]):
-    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad, exit_pool, merge_channels
+    from dfs_kernels.backends.triton import (
+        conv_forward,
+        conv_input_grad,
+        conv_weight_grad,
+        exit_pool,
+        linear_input_grad,
+        merge_channels,
+    )
 
     def pick(configs):
         return configs if all_configs else configs[:1]
@@ -65,6 +72,10 @@ def _jobs(all_configs: bool, archs: list[int]):
                            dict(dy_ptr=dtype, w_ptr=dtype, gp_ptr=dtype, dx_ptr=dtype),
                            dict(meta, KH=3, KW=3, FILL_POOLED=fill, DOT_PRECISION=precision, **unit),
                            ("inv_hw",), warps, stages)
+            for meta, warps, stages in pick(linear_input_grad._GPU_CONFIGS):
+                yield (arch, "linear_input_grad", linear_input_grad._linear_input_grad_kernel,
+                       dict(dy_ptr=dtype, w_ptr=dtype, dx_ptr=dtype),
+                       dict(meta, sdyk=1, swn=1, sdxn=1, DOT_PRECISION=precision), (), warps, stages)
             for meta, warps, stages in pick(conv_weight_grad._GPU_CONFIGS):
                 for unit in [dict(sdyw=1, sxw=1, DY_CHANNELS_CONTIGUOUS=False, X_PIXELS_CONTIGUOUS=True),
                              dict(sdyc=1, sxc=1, DY_CHANNELS_CONTIGUOUS=True, X_PIXELS_CONTIGUOUS=False)]:

@@ -5,6 +5,9 @@ compiled ops library (csrc/).
   backward's input gradient (``..._input_grad``) is ATen's convolution restricted to the shared
   channels (with groups: one grouped call for the groups they fill, one for the group they cut),
   assembled with the referenced channels' zeros, or the exit's gradient, by ``pad_channels``.
+- ``dfs_kernels::partitioned_linear``: one GEMM forward; the input gradient (``..._input_grad``) is one
+  GEMM over the shared features, written by BLAS straight into its slice of the full gradient
+  (csrc/partitioned_linear.cpp).
 - ``exit_avg_pool`` (its backward writes every element once), ``merge_channels`` (the gradient of a
   split point, one pass): parallel CPU kernels and CUDA kernels.
 

@@ -206,14 +206,17 @@ class MeasuredAuto:
         return self._dispatch("partitioned_conv2d_with_exit_pool", input, weight, bias, stride, padding, dilation,
                               groups, shared_channels)
 
-    def reroute(self, x, shared_channels):
-        return self._dispatch("reroute", x, shared_channels)
+    def reroute(self, x, shared_channels, dim=1):
+        return self._dispatch("reroute", x, shared_channels, dim)
 
-    def exit_reference(self, x, shared_channels):
-        return self._dispatch("exit_reference", x, shared_channels)
+    def exit_reference(self, x, shared_channels, dim=1):
+        return self._dispatch("exit_reference", x, shared_channels, dim)
 
-    def exit_avg_pool(self, x, shared_channels):
-        return self._dispatch("exit_avg_pool", x, shared_channels)
+    def exit_avg_pool(self, x, shared_channels, dim=1):
+        return self._dispatch("exit_avg_pool", x, shared_channels, dim)
+
+    def partitioned_linear(self, input, weight, bias, shared_features):
+        return self._dispatch("partitioned_linear", input, weight, bias, shared_features)
 
 
 def _first_device_type(args: tuple) -> str:

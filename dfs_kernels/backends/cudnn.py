@@ -8,6 +8,9 @@
   gradient in a DFS stage). No temporary, no copy. Where cuDNN declines the strided output (or is
   disabled), that convolution falls back to ATen's plus a copy into the slice
   (csrc/cuda/cudnn_input_grad.h).
+- ``dfs_kernels::cudnn_partitioned_linear`` / ``..._input_grad`` (csrc/cuda/partitioned_linear_cuda.cpp):
+  cuBLAS GEMMs through ATen; the input gradient's GEMM writes features [0, Cp) of the full gradient in
+  place, with the gradient's leading dimension.
 - ``exit_avg_pool``, ``reroute``, ``exit_reference``: the ``"aten"`` ops (their CUDA kernels).
 
 Importing this module registers the fakes, autograd and FLOP formulas of the ``cudnn_`` ops.

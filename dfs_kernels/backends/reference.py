@@ -22,6 +22,10 @@ class ReferenceOps:
             input, weight, bias, stride, padding, dilation, groups, shared_channels=shared_channels
         )
 
+    @staticmethod
+    def partitioned_linear(input, weight, bias, shared_features):
+        return reference.partitioned_linear(input, weight, bias, shared_features)
+
     reroute = staticmethod(reference.reroute)
     exit_reference = staticmethod(reference.exit_reference)
     exit_avg_pool = staticmethod(reference.exit_avg_pool)

@@ -10,6 +10,7 @@ calls the functional layer makes.
 
 - ``partitioned_conv2d``: ``partitioned_conv2d``, ``partitioned_conv2d_with_exit_pool``,
   ``partitioned_conv2d_input_grad`` (and the Triton weight gradient).
+- ``partitioned_linear``: ``partitioned_linear``, ``partitioned_linear_input_grad``.
 - ``exit_avg_pool``: ``exit_avg_pool``, ``exit_avg_pool_backward``.
 - ``channels``: ``merge_channels``, ``pad_channels``, and the split-point views built on
   ``merge_channels`` (``reroute``, ``exit_reference``).
@@ -22,18 +23,20 @@ DFS gradients, never a silent zero.
 
 from __future__ import annotations
 
-from . import channels, exit_avg_pool, partitioned_conv2d
+from . import channels, exit_avg_pool, partitioned_conv2d, partitioned_linear
 from ._op_set import OpSet
 
-__all__ = ["OpSet", "channels", "exit_avg_pool", "partitioned_conv2d", "register_prefix"]
+__all__ = ["OpSet", "channels", "exit_avg_pool", "partitioned_conv2d", "partitioned_linear", "register_prefix"]
 
 
 def register_prefix(conv_prefix: str, glue_prefix: str | None) -> None:
     """Registers fakes, autograd and FLOP formulas of the families a backend defines: the
-    partitioned-convolution family under ``conv_prefix`` and, unless ``glue_prefix`` is None (a
+    partitioned-convolution and partitioned-linear families (the GEMMs) under ``conv_prefix`` and,
+    unless ``glue_prefix`` is None (a
     backend that reuses another's), the exit-pooling and channel families under ``glue_prefix``.
     Called once per backend, after its ops are defined."""
     partitioned_conv2d.register(conv_prefix, glue_prefix or "")
+    partitioned_linear.register(conv_prefix)
     if glue_prefix is not None:
         exit_avg_pool.register(glue_prefix)
         channels.register(glue_prefix)

@@ -82,3 +82,35 @@ def input_grad_adjoint(grad, grad_output, weight, stride, padding, dilation, gro
     if needs_grad_pooled:
         grad_grad_pooled = referenced_mean(grad, shared_channels)
     return grad_grad_output, grad_weight, grad_grad_pooled
+
+
+def merge_features(tensor: torch.Tensor, split: int, head, tail) -> torch.Tensor:
+    """``head`` on features [0, split) of ``tensor``'s last axis, ``tail`` on the others (broadcast)."""
+    mask = torch.arange(tensor.shape[-1], device=tensor.device) < split
+    return torch.where(mask, head, tail)
+
+
+def linear_grads(grad_output, input, weight, shared_features, needs_input, needs_weight, needs_bias):
+    """(grad_input, grad_weight, grad_bias) of a partitioned linear layer: the input gradient kept on
+    features [0, Cp) only, the weight gradient read from ``[x+, sg(x-)]``."""
+    zero = torch.zeros((), dtype=grad_output.dtype, device=grad_output.device)
+    grad_input = grad_weight = grad_bias = None
+    if needs_input:
+        grad_input = merge_features(input, shared_features, grad_output.matmul(weight), zero)
+    if needs_weight:
+        partitioned = merge_features(input, shared_features, input, input.detach())
+        grad_weight = grad_output.reshape(-1, weight.shape[0]).t().mm(partitioned.reshape(-1, weight.shape[1]))
+    if needs_bias:
+        grad_bias = grad_output.reshape(-1, weight.shape[0]).sum(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def linear_input_grad_adjoint(grad, grad_output, weight, shared_features, needs_grad_output, needs_weight):
+    """The gradients of ``partitioned_linear_input_grad``'s output (``grad``, shaped like the input) with
+    respect to its grad_output and weight: the op is ``mask * (grad_output @ weight)``, linear in both."""
+    masked = merge_features(grad, shared_features, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    grad_grad_output = masked.matmul(weight.t()) if needs_grad_output else None
+    grad_weight = None
+    if needs_weight:
+        grad_weight = grad_output.reshape(-1, weight.shape[0]).t().mm(masked.reshape(-1, weight.shape[1]))
+    return grad_grad_output, grad_weight

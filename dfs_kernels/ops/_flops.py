@@ -1,4 +1,4 @@
-"""FLOP formulas of the package's convolution ops, so ``torch.utils.flop_counter.FlopCounterMode`` counts
+"""FLOP formulas of the package's convolution and linear ops, so ``torch.utils.flop_counter.FlopCounterMode`` counts
 models that use them (it only knows ATen's ops; an unknown op counts as zero).
 
 Same convention as ATen's convolution formula (``conv_flop_count``: 2 FLOPs per multiply-add). The
@@ -41,16 +41,38 @@ def _input_grad_flops(grad_output_shape, input_shape, weight_shape, stride, padd
     return conv_flop_count(input_shape, weight_shape, grad_output_shape) * shared_channels // input_shape[1]
 
 
+def _linear_forward_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    rows = 1
+    for size in input_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]  # one [M, in] @ [in, out] matmul
+
+
+def _linear_input_grad_flops(grad_output_shape, input_shape, weight_shape, shared_features, *args, out_shape=None,
+                             **kwargs) -> int:
+    return _linear_forward_flops(input_shape, weight_shape) * shared_features // max(weight_shape[1], 1)
+
+
+def _queue(pairs) -> None:
+    _pending.extend((list(ops), formula) for ops, formula in pairs if ops)
+    if "torch.utils.flop_counter" in sys.modules:
+        register_flop_formulas()
+
+
+def register_linear_flops(*, forward: Iterable = (), input_grad: Iterable = ()) -> None:
+    """Queues the formulas of partitioned linear ops: (input, weight, ...) for ``forward``, a matmul's
+    FLOPs, and (grad_output, input, weight, shared_features) for ``input_grad``, Cp / in_features of
+    one. (The weight gradient is ATen's ``mm``, which FlopCounterMode knows.)"""
+    _queue(((forward, _linear_forward_flops), (input_grad, _linear_input_grad_flops)))
+
+
 def register_conv_flops(*, forward: Iterable = (), input_grad: Iterable = ()) -> None:
     """Queues the formulas for op packets (``torch.ops.dfs_kernels.<name>``) whose leading arguments are
     (input, weight, ...) for ``forward`` (plain or fused-stage convolutions) and (grad_output, input,
     weight, stride, padding, dilation, groups, shared_channels, ...) for ``input_grad``, and registers
     them if FlopCounterMode is already imported. (The weight gradient is ATen's ``convolution_backward``,
     which FlopCounterMode knows.)"""
-    _pending.extend((list(ops), formula) for ops, formula in ((forward, _forward_flops), (input_grad, _input_grad_flops))
-                    if ops)
-    if "torch.utils.flop_counter" in sys.modules:
-        register_flop_formulas()
+    _queue(((forward, _forward_flops), (input_grad, _input_grad_flops)))
 
 
 def register_flop_formulas() -> None:

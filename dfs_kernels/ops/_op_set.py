@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .channels import ExitReference, Reroute
+from .exit_avg_pool import pooled_feature_map
 
 
 def _no_check(tensor: torch.Tensor) -> None:
@@ -16,10 +17,11 @@ def _no_check(tensor: torch.Tensor) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OpSet:
-    """A backend whose DFS ops are registered ops: ``torch.ops.dfs_kernels.{conv_prefix}partitioned_conv2d``
-    and ``..._with_exit_pool``, ``{glue_prefix}exit_avg_pool`` and, for the split-point views,
-    ``{glue_prefix}merge_channels``. Arguments come validated from ``dfs_kernels.functional``
-    (padding numeric); ``check_input`` rejects what the kernels cannot run (the Triton dtypes)."""
+    """A backend whose DFS ops are registered ops: ``torch.ops.dfs_kernels.{conv_prefix}partitioned_conv2d``,
+    ``..._with_exit_pool`` and ``{conv_prefix}partitioned_linear``, ``{glue_prefix}exit_avg_pool`` and,
+    for the split-point views, ``{glue_prefix}merge_channels``. Arguments come validated from
+    ``dfs_kernels.functional`` (padding numeric, ``dim`` a non-negative channel axis); ``check_input``
+    rejects what the kernels cannot run (the Triton dtypes)."""
 
     name: str
     conv_prefix: str
@@ -42,14 +44,18 @@ class OpSet:
             input, weight, bias, list(stride), list(padding), list(dilation), groups, shared_channels
         )
 
-    def exit_avg_pool(self, x, shared_channels):
-        self.check_input(x)
-        return self._op(self.glue_prefix, "exit_avg_pool")(x, shared_channels)
+    def partitioned_linear(self, input, weight, bias, shared_features):
+        self.check_input(input)
+        return self._op(self.conv_prefix, "partitioned_linear")(input, weight, bias, shared_features)
 
-    def reroute(self, x, shared_channels):
+    def exit_avg_pool(self, x, shared_channels, dim=1):
         self.check_input(x)
-        return Reroute.apply(x, shared_channels, self.glue_prefix)
+        return self._op(self.glue_prefix, "exit_avg_pool")(pooled_feature_map(x, dim), shared_channels)
 
-    def exit_reference(self, x, shared_channels):
+    def reroute(self, x, shared_channels, dim=1):
         self.check_input(x)
-        return ExitReference.apply(x, shared_channels, self.glue_prefix)
+        return Reroute.apply(x, shared_channels, dim, self.glue_prefix)
+
+    def exit_reference(self, x, shared_channels, dim=1):
+        self.check_input(x)
+        return ExitReference.apply(x, shared_channels, dim, self.glue_prefix)

@@ -7,10 +7,14 @@ views built on it:
   channels, in one pass; the compiled input gradient uses it.
 - ``Reroute`` / ``ExitReference``: the backbone view ``[x+, sg(x-)]`` and the exit view
   ``[sg(x+), x-]`` of x, both views (no copy), whose gradients are assembled by ``merge_channels``.
-  They are autograd Functions because a registered op may not return aliases of its input.
+  They are autograd Functions because a registered op may not return aliases of its input. The
+  channels are on any axis ``dim``: the gradients are read as [A, C, B, 1] (``as_feature_map``), which
+  for tokens [N, T, D] on dim -1 is the view [N * T, D, 1, 1], so the same one-pass kernels serve them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -66,6 +70,23 @@ def register(prefix: str) -> None:
         torch.library.register_autograd("dfs_kernels::pad_channels", _pad_backward, setup_context=_pad_setup_context)
 
 
+def as_feature_map(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor`` with channels on axis ``dim`` (non-negative) as [A, C, B, 1], A the product of the
+    axes before ``dim``, B of those after: the identity for a feature map [N, C, H, W] on dim 1, else
+    a view whenever the strides allow (every contiguous tensor), a copy otherwise."""
+    if dim == 1 and tensor.dim() == 4:
+        return tensor
+    shape = tensor.shape
+    return tensor.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]), 1)
+
+
+def _merge_on_axis(glue_prefix, head, tail, split, dim, shape):
+    head = None if head is None else as_feature_map(head, dim)
+    tail = None if tail is None else as_feature_map(tail, dim)
+    merged = merge_gradients(glue_prefix, head, tail, split)
+    return None if merged is None else merged.reshape(shape)
+
+
 def merge_gradients(glue_prefix: str, head: torch.Tensor | None, tail: torch.Tensor | None,
                     split: int) -> torch.Tensor | None:
     """The gradient of x at a split point from the gradients of its two views (None: view unused)."""
@@ -82,34 +103,39 @@ def merge_gradients(glue_prefix: str, head: torch.Tensor | None, tail: torch.Ten
 
 
 class Reroute(torch.autograd.Function):
-    """``(x, x)`` as views; the gradient of x is the first view's on [0, Cp) and the second's on [Cp, C)."""
+    """``(x, x)`` as views; the gradient of x is the first view's on [0, Cp) of axis ``dim`` and the
+    second's on [Cp, C)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, shared_channels: int, glue_prefix: str):
+    def forward(x: torch.Tensor, shared_channels: int, dim: int, glue_prefix: str):
         return x.view_as(x), x.view_as(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, ctx.shared_channels, ctx.glue_prefix = inputs
+        x, ctx.shared_channels, ctx.dim, ctx.glue_prefix = inputs
+        ctx.shape = x.shape
         ctx.set_materialize_grads(False)  # an unused view sends None: nothing to read, nothing to zero
 
     @staticmethod
     def backward(ctx, grad_backbone, grad_exit):
-        return merge_gradients(ctx.glue_prefix, grad_backbone, grad_exit, ctx.shared_channels), None, None
+        grad = _merge_on_axis(ctx.glue_prefix, grad_backbone, grad_exit, ctx.shared_channels, ctx.dim, ctx.shape)
+        return grad, None, None, None
 
 
 class ExitReference(torch.autograd.Function):
-    """``x`` as a view whose gradient reaches channels [Cp, C) only."""
+    """``x`` as a view whose gradient reaches channels [Cp, C) of axis ``dim`` only."""
 
     @staticmethod
-    def forward(x: torch.Tensor, shared_channels: int, glue_prefix: str):
+    def forward(x: torch.Tensor, shared_channels: int, dim: int, glue_prefix: str):
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, ctx.shared_channels, ctx.glue_prefix = inputs
+        x, ctx.shared_channels, ctx.dim, ctx.glue_prefix = inputs
+        ctx.shape = x.shape
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_exit):
-        return merge_gradients(ctx.glue_prefix, None, grad_exit, ctx.shared_channels), None, None
+        grad = _merge_on_axis(ctx.glue_prefix, None, grad_exit, ctx.shared_channels, ctx.dim, ctx.shape)
+        return grad, None, None, None

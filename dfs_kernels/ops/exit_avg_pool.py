@@ -6,6 +6,9 @@
   backward, ``grad_pooled / (H * W)`` spread into channels [Cp, C) and zeros into [0, Cp), every element
   written once, in the input's layout.
 
+Channels on another axis than 1 (tokens [N, T, D] on dim -1) are pooled through the view
+``pooled_feature_map``, [N, D, T, 1] for contiguous tokens, in the NHWC layout the kernels read.
+
 A recorded backward (``create_graph=True``) and the backward of ``exit_avg_pool_backward`` itself use
 the differentiable formulas of ``_composite``.
 """
@@ -13,11 +16,22 @@ the differentiable formulas of ``_composite``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _composite
+
+
+def pooled_feature_map(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with channels on axis ``dim`` (non-negative, not 0) as [N, C, S, 1], S the product of the
+    other axes: what ``exit_avg_pool`` reduces. The identity for a feature map on dim 1, else a view
+    whenever the strides allow (every contiguous tensor), a copy otherwise."""
+    if dim == 1 and x.dim() == 4:
+        return x
+    moved = x.movedim(dim, 1)
+    return moved.reshape(moved.shape[0], moved.shape[1], math.prod(moved.shape[2:]), 1)
 
 
 def _pool_fake(input, shared_channels):

@@ -11,6 +11,8 @@ formulas of ``dfs_kernels.ops`` serve them too.
 - ``exit_pool``: the exit's pooled read of ``[sg(x+), x-]`` and its backward into [Cp:] only.
 - ``merge_channels``: the one-pass gradient assembly of a split point (reroute, exit_reference).
 - ``fused_stage``: conv + exit pooling from one read of x, and one gradient tensor for both.
+- ``linear_input_grad``: the partitioned linear layer's input gradient, the shared features' GEMM
+  and the referenced features' zeros in one launch (its forward and weight gradient are ATen's GEMM).
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
 when this package is first imported: for tests and debugging, never chosen by ``"auto"``).
@@ -27,7 +29,15 @@ import torch
 from ... import ops
 
 # Importing the op files defines their ops (dfs_kernels::triton_*).
-from . import conv_forward, conv_input_grad, conv_weight_grad, exit_pool, fused_stage, merge_channels  # noqa: F401
+from . import (  # noqa: F401
+    conv_forward,
+    conv_input_grad,
+    conv_weight_grad,
+    exit_pool,
+    fused_stage,
+    linear_input_grad,
+    merge_channels,
+)
 from ._common import INTERPRET
 
 __all__ = ["INTERPRET", "OPS", "SUPPORTED_DTYPES"]
