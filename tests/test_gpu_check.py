@@ -3,7 +3,9 @@ machine runs cannot break unseen between the rare runs it gets there."""
 
 from __future__ import annotations
 
+
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,7 +65,9 @@ def test_dry_run_passes_every_phase_and_reports_every_figure(tmp_path):
     for summary in models.values():
         assert {"dsn", "dfs_eager"} <= set(summary["variants"])
         for label, entry in summary["dfs"].items():
-            assert 0 < entry["r_ideal"] <= 1 and entry["r_measured"] > 0, (label, entry)
+            # Figures, not bounds: at the dry run's tiny sizes D is within timing noise and may come out
+            # negative (R_ideal above 1) on a loaded machine.
+            assert math.isfinite(entry["r_ideal"]) and entry["r_measured"] > 0, (label, entry)
             assert entry["fps_gain_vs_dsn"] is not None
 
     files = set(record["files"])
