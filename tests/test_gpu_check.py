@@ -3,7 +3,6 @@ machine runs cannot break unseen between the rare runs it gets there."""
 
 from __future__ import annotations
 
-
 import json
 import math
 import os
