@@ -15,7 +15,7 @@ from dfs_kernels.models import MODELS
 from dfs_kernels.training import STRATEGIES
 from dfs_kernels.training.augment import AUGMENTATIONS
 from dfs_kernels.training.data import DATASETS
-from dfs_kernels.training.trainer import AMP_DTYPES, TrainConfig, train
+from dfs_kernels.training.trainer import AMP_DTYPES, OPTIMIZERS, TrainConfig, train
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -30,6 +30,8 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun processes")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                        help="sgd (momentum 0.9) or adamw (transformers; e.g. --lr 1e-3)")
     parser.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES))
     parser.add_argument("--augmentation", default=None, choices=AUGMENTATIONS, help="default: the recipe's")
@@ -50,7 +52,8 @@ def parse_args(argv=None) -> TrainConfig:
     args = parser.parse_args(argv)
     return TrainConfig(model=args.model, strategy=args.strategy, beta=args.beta, backend=args.backend,
                        dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp,
+                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, amp=args.amp,
                        augmentation=args.augmentation, channels_last=args.channels_last, compile=args.compile,
                        out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                        deterministic=args.deterministic, sync_bn=not args.no_sync_bn, workers=args.workers,

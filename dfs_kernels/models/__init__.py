@@ -15,14 +15,21 @@ no adaptation layers.
 from __future__ import annotations
 
 from ._common import EXIT_GRADS, FLAVOURS, MultiExitNetwork
+from .bert import EncoderConfig, MultiExitEncoder, bert_tiny, bert_tiny_digits
 from .blockwise import Blockwise, blockwise_view
+from .hf_bert import from_hf_bert
 from .msdnet import MSDNet, msdnet
 from .resnet import MultiExitResNet18, resnet18
 from .vgg import MultiExitVGG, vgg7_64, vgg16_64
+from .vit import MultiExitViT, ViTConfig, vit_tiny, vit_tiny_digits
 
 
 def _msdnet_imagenet(**kwargs) -> MSDNet:
     return msdnet("imagenet", **kwargs)
+
+
+def _vit_tiny_gemm_input(**kwargs) -> MultiExitViT:
+    return vit_tiny(placement="gemm_input", **kwargs)
 
 
 MODELS = {
@@ -31,13 +38,21 @@ MODELS = {
     "resnet18": resnet18,
     "msdnet": msdnet,
     "msdnet_imagenet": _msdnet_imagenet,
+    "vit_tiny": vit_tiny,
+    "vit_tiny_gemm_input": _vit_tiny_gemm_input,
+    "vit_tiny_digits": vit_tiny_digits,
+    "bert_tiny": bert_tiny,
+    "bert_tiny_digits": bert_tiny_digits,
 }
-"""Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet."""
+"""Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet; "vit_tiny" is the official DFS
+placement and "vit_tiny_gemm_input" the GEMM-input one, "vit_tiny_digits" a patch-8 one for quick digits runs;
+"bert_tiny" reads token ids and "bert_tiny_digits" images as 8 row tokens of 8 features."""
 
 
 def build_model(name: str, **kwargs) -> MultiExitNetwork:
     """The model registered as ``name`` (see ``MODELS``), built with the factory's keyword arguments
-    (``num_classes``, ``flavour``, ``beta``, ``backend``, ``exit_grad``; MSDNet also ``growth_rate``)."""
+    (``num_classes``, ``flavour``, ``beta``, ``backend``; the CNNs also ``exit_grad``, MSDNet ``growth_rate``,
+    the ViT ``placement`` and ``pooling``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
@@ -45,17 +60,26 @@ def build_model(name: str, **kwargs) -> MultiExitNetwork:
 
 __all__ = [
     "Blockwise",
+    "EncoderConfig",
     "EXIT_GRADS",
     "FLAVOURS",
     "MODELS",
     "MSDNet",
+    "MultiExitEncoder",
     "MultiExitNetwork",
     "MultiExitResNet18",
     "MultiExitVGG",
+    "MultiExitViT",
+    "ViTConfig",
+    "bert_tiny",
+    "bert_tiny_digits",
     "blockwise_view",
     "build_model",
+    "from_hf_bert",
     "msdnet",
     "resnet18",
     "vgg16_64",
     "vgg7_64",
+    "vit_tiny",
+    "vit_tiny_digits",
 ]
