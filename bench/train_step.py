@@ -80,15 +80,18 @@ PEAK_MEMORY_MEASURE = ("bytes allocated at the peak of one training step above t
 DEFAULT_BATCH_SIZES = {
     "cpu": {"vgg7": (16, 32, 64), "resnet18": (8, 16, 32), "vgg16": (2, 4, 8), "msdnet": (16, 32, 64),
             "msdnet_imagenet": (2, 4, 8), "vit_tiny": (16, 32, 64), "vit_tiny_gemm_input": (16, 32, 64),
-            "vit_tiny_digits": (32, 64, 128), "bert_tiny": (16, 32, 64), "bert_tiny_digits": (64, 128, 256)},
+            "vit_tiny_digits": (32, 64, 128), "vit_tiny_digits_gemm_input": (32, 64, 128), "bert_tiny": (16, 32, 64),
+            "bert_tiny_digits": (64, 128, 256)},
     "cuda": {"vgg7": (128, 256, 512), "resnet18": (64, 128, 256), "vgg16": (32, 64, 128),
              "msdnet": (128, 256, 512), "msdnet_imagenet": (32, 64, 128), "vit_tiny": (256, 512, 1024),
              "vit_tiny_gemm_input": (256, 512, 1024), "vit_tiny_digits": (512, 1024, 2048),
+             "vit_tiny_digits_gemm_input": (512, 1024, 2048),
              "bert_tiny": (256, 512, 1024), "bert_tiny_digits": (1024, 2048, 4096)},
 }
 DEFAULT_STEPS = {"cpu": (3, 40), "cuda": (10, 30)}
 NUM_CLASSES = {"vgg7": 100, "resnet18": 100, "msdnet": 100, "vgg16": 1000, "msdnet_imagenet": 1000, "vit_tiny": 10,
-               "vit_tiny_gemm_input": 10, "vit_tiny_digits": 10, "bert_tiny": 2, "bert_tiny_digits": 10}
+               "vit_tiny_gemm_input": 10, "vit_tiny_digits": 10, "vit_tiny_digits_gemm_input": 10, "bert_tiny": 2,
+               "bert_tiny_digits": 10}
 OPTIMIZERS = ("sgd", "adamw")
 
 

@@ -32,6 +32,10 @@ def _vit_tiny_gemm_input(**kwargs) -> MultiExitViT:
     return vit_tiny(placement="gemm_input", **kwargs)
 
 
+def _vit_tiny_digits_gemm_input(**kwargs) -> MultiExitViT:
+    return vit_tiny_digits(placement="gemm_input", **kwargs)
+
+
 MODELS = {
     "vgg7": vgg7_64,
     "vgg16": vgg16_64,
@@ -41,12 +45,14 @@ MODELS = {
     "vit_tiny": vit_tiny,
     "vit_tiny_gemm_input": _vit_tiny_gemm_input,
     "vit_tiny_digits": vit_tiny_digits,
+    "vit_tiny_digits_gemm_input": _vit_tiny_digits_gemm_input,
     "bert_tiny": bert_tiny,
     "bert_tiny_digits": bert_tiny_digits,
 }
 """Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet; "vit_tiny" is the official DFS
-placement and "vit_tiny_gemm_input" the GEMM-input one, "vit_tiny_digits" a patch-8 one for quick digits runs;
-"bert_tiny" reads token ids and "bert_tiny_digits" images as 8 row tokens of 8 features."""
+placement and "vit_tiny_gemm_input" the GEMM-input one, "vit_tiny_digits" (and its "_gemm_input") the same
+with patch 8 for quick digits runs; "bert_tiny" reads token ids and "bert_tiny_digits" images as 8 row tokens
+of 8 features."""
 
 
 def build_model(name: str, **kwargs) -> MultiExitNetwork:
