@@ -70,6 +70,9 @@ def plot(summary: dict, path: Path) -> None:
             exits = range(1, len(stats["mean"]) + 1)
             axis.bar([k + offset for k in exits], stats["mean"], 0.4, yerr=stats["std"], capsize=3,
                      label=f"{strategy} (n={stats['seeds']})")
+        lowest = min(m - d for stats in by_strategy.values() for m, d in zip(stats["mean"], stats["std"]))
+        axis.set_ylim(max(0.0, lowest - 5), 100)
+        axis.set_xticks(list(exits))
         axis.set_title(model)
         axis.set_xlabel("exit")
         axis.set_ylabel("test accuracy (%)")
