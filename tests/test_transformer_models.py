@@ -128,11 +128,16 @@ DIGITS_MODELS = {  # small enough for a test: 32x32 digits as 16 patches, or as 
 }
 
 
-@pytest.mark.parametrize("name", sorted(DIGITS_MODELS))
-def test_dfs_training_on_digits_lowers_the_loss(name):
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def digits_batch():
     images, labels = load_digits(0).train.tensors
-    images, labels = images[:256], labels[:256]
+    return images[:256], labels[:256]
+
+
+@pytest.mark.parametrize("name", sorted(DIGITS_MODELS))
+def test_dfs_training_on_digits_lowers_the_loss(name, digits_batch):
+    torch.manual_seed(0)
+    images, labels = digits_batch
     model = DIGITS_MODELS[name]()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     strategy = build_strategy("dfs")

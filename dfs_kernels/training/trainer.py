@@ -208,7 +208,7 @@ def _build(config: TrainConfig, num_classes: int, device: torch.device, job: dis
 def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device) -> tuple[int, int, object, list]:
     """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from."""
     state = load_checkpoint(path, map_location=device)
-    saved = state["config"]
+    saved = {"optimizer": "sgd", **state["config"]}  # checkpoints from before the optimizer option
     changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
     if changed:
         raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
