@@ -11,12 +11,12 @@ GPU, and the median over the timed steps is reported with FPS and peak step memo
 run round-robin, one step each per iteration with the order rotating, so drift (thermal, other load)
 hits them alike.
 
-D, the time the DSN step spends in the input gradients of the convolutions DFS partitions, is measured
-in the same run as the difference between the DSN step and the same DSN model whose partitioned
-convolutions compute no input gradient (``ConvWithoutInputGrad``: the weight and bias gradients by
-ATen, a zero tensor as the input gradient; the exits unchanged). Each exit still sends gradient into
-its layer, so everything upstream of those convolutions runs as in DSN and the difference is their
-input-gradient work less a zero-fill.
+D, the time the DSN step spends in the input gradients of the layers DFS partitions (``PartitionedConv2d``,
+and the transformers' ``PartitionedLinear``), is measured in the same run as the difference between the
+DSN step and the same DSN model whose partitioned layers compute no input gradient (``ConvWithoutInputGrad``,
+``LinearWithoutInputGrad``: the weight and bias gradients by ATen, a zero tensor as the input gradient; the
+exits unchanged). Each exit still sends gradient into its layer, so everything upstream of those layers
+runs as in DSN and the difference is their input-gradient work less a zero-fill.
 Timing the convolution backward of each layer's shapes in isolation would miss the step's cache and
 scheduling context. D is the median of the per-iteration differences of the two backward phases
 (forward and optimizer work are the same in both), and with it:
@@ -25,7 +25,8 @@ scheduling context. D is the median of the per-iteration differences of the two 
     saving realized = (T_dsn - T_dfs) / ((1 - beta) * D)
 
 R_measured is also given from the per-iteration ratios ("paired"), which drift cannot bias. MSDNet's
-dfs flavour partitions no convolution (its split points are reroutes), so there D = 0 and R_ideal = 1.
+and the official ViT's dfs flavours partition no layer (their split points are reroutes), so there D = 0
+and R_ideal = 1. The token models ("bert_tiny") are fed random token ids of their sequence length.
 
 Peak memory is what a step allocates above what was live before it (CUDA allocator statistics; on
 CPU, the profiler's allocation events replayed in order). A JSON record with every raw timing goes
@@ -65,6 +66,7 @@ except ImportError:  # run from a checkout that is not installed
     import dfs_kernels
 from dfs_kernels import models  # noqa: E402
 from dfs_kernels.cli._common import HelpFormatter  # noqa: E402
+from dfs_kernels.nn import PartitionedLinear  # noqa: E402
 from dfs_kernels.nn import PartitionedConv2d  # noqa: E402
 from dfs_kernels.training.distributed import check_device  # noqa: E402
 
@@ -84,12 +86,20 @@ PEAK_MEMORY_MEASURE = ("bytes allocated at the peak of one training step above t
 # Defaults per device type: batch sizes (a range, for the linear fit), warm-up and timed steps.
 DEFAULT_BATCH_SIZES = {
     "cpu": {"vgg7": (16, 32, 64), "resnet18": (8, 16, 32), "vgg16": (2, 4, 8), "msdnet": (16, 32, 64),
-            "msdnet_imagenet": (2, 4, 8)},
+            "msdnet_imagenet": (2, 4, 8), "vit_tiny": (16, 32, 64), "vit_tiny_gemm_input": (16, 32, 64),
+            "vit_tiny_digits": (32, 64, 128), "vit_tiny_digits_gemm_input": (32, 64, 128), "bert_tiny": (16, 32, 64),
+            "bert_tiny_digits": (64, 128, 256)},
     "cuda": {"vgg7": (128, 256, 512), "resnet18": (64, 128, 256), "vgg16": (32, 64, 128),
-             "msdnet": (128, 256, 512), "msdnet_imagenet": (32, 64, 128)},
+             "msdnet": (128, 256, 512), "msdnet_imagenet": (32, 64, 128), "vit_tiny": (256, 512, 1024),
+             "vit_tiny_gemm_input": (256, 512, 1024), "vit_tiny_digits": (512, 1024, 2048),
+             "vit_tiny_digits_gemm_input": (512, 1024, 2048),
+             "bert_tiny": (256, 512, 1024), "bert_tiny_digits": (1024, 2048, 4096)},
 }
 DEFAULT_STEPS = {"cpu": (3, 40), "cuda": (10, 30)}
-NUM_CLASSES = {"vgg7": 100, "resnet18": 100, "msdnet": 100, "vgg16": 1000, "msdnet_imagenet": 1000}
+NUM_CLASSES = {"vgg7": 100, "resnet18": 100, "msdnet": 100, "vgg16": 1000, "msdnet_imagenet": 1000, "vit_tiny": 10,
+               "vit_tiny_gemm_input": 10, "vit_tiny_digits": 10, "vit_tiny_digits_gemm_input": 10, "bert_tiny": 2,
+               "bert_tiny_digits": 10}
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(eq=False)  # identity hashing: variants key dicts
@@ -117,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16 runs forward and loss under autocast")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                        help="sgd (momentum 0.9) or adamw (the transformers' optimizer)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--iterations", type=int, help="timed steps per variant (default: 40 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int,
@@ -146,8 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------- models
 
 
-def partitioned_conv_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, PartitionedConv2d)]
+def partitioned_layer_names(model: nn.Module) -> list[str]:
+    partitioned = (PartitionedConv2d, PartitionedLinear)
+    return [name for name, module in model.named_modules() if isinstance(module, partitioned)]
 
 
 class _ConvZeroInputGrad(torch.autograd.Function):
@@ -179,17 +192,52 @@ class ConvWithoutInputGrad(nn.Conv2d):
         return _ConvZeroInputGrad.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def without_input_grads(model: nn.Module, conv_names: list[str]) -> nn.Module:
-    """``model`` (in place) with the named convolutions computing no input gradient: DSN's step minus D."""
-    for name in conv_names:
+class _LinearZeroInputGrad(torch.autograd.Function):
+    """linear whose backward computes the weight and bias gradients and a zero input gradient (as
+    _ConvZeroInputGrad)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input)
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = rows.t() @ input.reshape(-1, input.shape[-1])
+        grad_bias = rows.sum(0) if ctx.has_bias else None
+        grad_input = torch.zeros_like(input) if ctx.needs_input_grad[0] else None
+        return grad_input, grad_weight, grad_bias
+
+
+class LinearWithoutInputGrad(nn.Linear):
+    """nn.Linear (same parameters) whose input gradient is never computed (see _LinearZeroInputGrad)."""
+
+    def forward(self, input):
+        return _LinearZeroInputGrad.apply(input, self.weight, self.bias)
+
+
+def _without_input_grad(layer: nn.Module) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        replacement = LinearWithoutInputGrad(layer.in_features, layer.out_features, layer.bias is not None,
+                                             device="meta")
+    else:
+        replacement = ConvWithoutInputGrad(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            layer.groups, layer.bias is not None, device="meta")
+    replacement.weight, replacement.bias = layer.weight, layer.bias
+    return replacement
+
+
+def without_input_grads(model: nn.Module, layer_names: list[str]) -> nn.Module:
+    """``model`` (in place) with the named convolutions and linear layers computing no input gradient:
+    DSN's step minus D."""
+    for name in layer_names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        conv = getattr(parent, child_name)
-        replacement = ConvWithoutInputGrad(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, device="meta")
-        replacement.weight, replacement.bias = conv.weight, conv.bias
-        setattr(parent, child_name, replacement)
+        setattr(parent, child_name, _without_input_grad(getattr(parent, child_name)))
     return model
 
 
@@ -199,13 +247,16 @@ def make_variant(label: str, flavour: str, model: nn.Module, beta: float | None,
     model.to(args.device).train()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return Variant(label, flavour, torch.compile(model) if args.compile else model, optimizer, beta)
 
 
 def build_variants(args: argparse.Namespace, betas: list[float], *, include_eager: bool = True,
                    ) -> tuple[list[Variant], dict[str, str]]:
-    """DSN, DSN without partitioned input grads (when the dfs flavour partitions a conv), and per beta
+    """DSN, DSN without partitioned input grads (when the dfs flavour partitions a layer), and per beta
     dfs_eager and dfs on each available backend, all from one initial state. Also returns the
     backends that cannot run here, with the reason."""
     def build(flavour: str, **kwargs) -> nn.Module:
@@ -215,9 +266,9 @@ def build_variants(args: argparse.Namespace, betas: list[float], *, include_eage
     dsn = build("dsn")
     state = dsn.state_dict()
     variants = [make_variant("dsn", "dsn", dsn, None, state, args)]
-    conv_names = partitioned_conv_names(build("dfs"))
-    if conv_names:
-        skipped = without_input_grads(build("dsn"), conv_names)
+    layer_names = partitioned_layer_names(build("dfs"))
+    if layer_names:
+        skipped = without_input_grads(build("dsn"), layer_names)
         variants.append(make_variant(DSN_WITHOUT_INPUT_GRADS, "dsn", skipped, None, state, args))
     backends = dfs_kernels.available_backends(args.device)
     unavailable = {name: dfs_kernels.unavailable_reason(name, args.device) or "runs only under the Triton interpreter"
@@ -250,10 +301,10 @@ def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor, clo
     clock.mark()
 
 
-def make_batch(args: argparse.Namespace, batch_size: int, input_size, num_classes: int):
+def make_batch(args: argparse.Namespace, batch_size: int, model: nn.Module, num_classes: int):
     generator = torch.Generator().manual_seed(args.seed + batch_size)
-    images = torch.randn(batch_size, *input_size, generator=generator).to(args.device)
-    if args.channels_last:
+    images = model.example_input(batch_size, generator).to(args.device)
+    if args.channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(num_classes, (batch_size,), generator=generator).to(args.device)
     return images, labels
@@ -264,7 +315,8 @@ def run_interleaved(variants: list[Variant], args: argparse.Namespace, batch_siz
     """Times every variant at ``batch_size``: warm-up then timed steps, round-robin with the order
     rotating each iteration; then one step each for peak memory. A variant that raises is dropped with
     its error recorded. Returns the peak memory per variant label."""
-    images, labels = make_batch(args, batch_size, variants[0].model.input_size, NUM_CLASSES[args.model])
+    images, labels = make_batch(args, batch_size, getattr(variants[0].model, "_orig_mod", variants[0].model),
+                                NUM_CLASSES[args.model])
     clock = PhaseClock(args.device)
     autocast = (torch.autocast(args.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -314,7 +366,7 @@ def summarize(variants: list[Variant], batch_size: int, peaks: dict[str, int | N
     if "median_step_s" not in dsn:
         return summary
     t_dsn = dsn["median_step_s"]
-    if skipped is None:  # the dfs flavour partitions no convolution: nothing to save
+    if skipped is None:  # the dfs flavour partitions no layer: nothing to save
         d = 0.0
     elif "median_step_s" in skipped:
         # Backward phases only: the forward and optimizer work of the two models is the same, so their
@@ -375,8 +427,8 @@ def format_run(run: dict) -> str:
         lines.append(f"D not measured: {DSN_WITHOUT_INPUT_GRADS} failed")
     elif "input_grad_time_s" in run:
         lines.append(f"D = {run['input_grad_time_s'] * ms:.1f} ms: "
-                     "input gradients of the partitioned convs in the DSN step"
-                     + ("" if DSN_WITHOUT_INPUT_GRADS in run["variants"] else " (the dfs flavour partitions no conv)"))
+                     "input gradients of the partitioned layers in the DSN step"
+                     + ("" if DSN_WITHOUT_INPUT_GRADS in run["variants"] else " (the dfs flavour partitions no layer)"))
         for label, entry in run["dfs"].items():
             realized = entry["saving_realized"]
             line = (f"  {label:<24} R_ideal {entry['r_ideal']:.3f}  R_measured {entry['r_measured']:.3f} "

@@ -72,3 +72,35 @@ def test_linear_fit(train_step):
     fit = train_step.linear_fit([1, 2, 4], [3.0, 5.0, 9.0])
     assert fit == pytest.approx({"slope": 2.0, "intercept": 1.0, "r2": 1.0})
     assert train_step.linear_fit([8, 8], [1.0, 2.0]) is None
+
+
+def test_transformers_measure_the_partitioned_linear_layers(train_step, tmp_path):
+    output = tmp_path / "bert.json"
+    train_step.main(["--model", "bert_tiny", "--batch-sizes", "2", "--iterations", "1", "--warmup", "0",
+                     "--optimizer", "adamw", "--output", str(output)])
+    run = json.loads(output.read_text())["runs"][0]
+    assert train_step.DSN_WITHOUT_INPUT_GRADS in run["variants"]
+    assert all(variant["error"] is None for variant in run["variants"].values())
+    assert run["input_grad_time_s"] is not None and run["dfs"]
+
+    # the official ViT placement partitions no GEMM: D = 0, R_ideal = 1
+    train_step.main(["--model", "vit_tiny", "--batch-sizes", "2", "--iterations", "1", "--warmup", "0",
+                     "--output", str(output)])
+    run = json.loads(output.read_text())["runs"][0]
+    assert train_step.DSN_WITHOUT_INPUT_GRADS not in run["variants"]
+    assert run["input_grad_time_s"] == 0.0
+    assert all(entry["r_ideal"] == 1.0 for entry in run["dfs"].values())
+
+
+def test_linear_without_input_grad_keeps_the_parameter_gradients(train_step):
+    import torch
+
+    linear = torch.nn.Linear(6, 5)
+    skipped = train_step.without_input_grads(torch.nn.Sequential(torch.nn.Linear(6, 5)), ["0"])
+    skipped[0].weight, skipped[0].bias = linear.weight, linear.bias
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    expected = torch.autograd.grad(linear(x).square().sum(), (linear.weight, linear.bias))
+    x_grad, *parameter_grads = torch.autograd.grad(skipped(x).square().sum(), (x, linear.weight, linear.bias))
+    assert torch.count_nonzero(x_grad) == 0
+    for actual, wanted in zip(parameter_grads, expected):
+        torch.testing.assert_close(actual, wanted)

@@ -18,7 +18,7 @@ from dfs_kernels.models import MODEL_ALIASES, MODELS
 from dfs_kernels.training import STRATEGIES
 from dfs_kernels.training.augment import AUGMENTATIONS
 from dfs_kernels.training.data import DATASETS
-from dfs_kernels.training.trainer import AMP_DTYPES, TrainConfig, check_config, train
+from dfs_kernels.training.trainer import AMP_DTYPES, OPTIMIZERS, TrainConfig, check_config, train
 
 from ._common import BACKEND_CHOICES, HelpFormatter
 
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="epochs (the recipes' length)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                         help="global batch, split over torchrun processes")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="initial learning rate (SGD, momentum 0.9)")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="initial learning rate")
+    parser.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=OPTIMIZERS,
+                        help="sgd (momentum 0.9) or adamw (transformers; e.g. --lr 2e-3)")
     parser.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--amp", default=DEFAULTS.amp, choices=list(AMP_DTYPES), help="autocast dtype")
     parser.add_argument("--augmentation", default=None, choices=AUGMENTATIONS, help="default: the recipe's")
@@ -69,7 +71,8 @@ def parse_args(argv=None) -> TrainConfig:
     args = parser.parse_args(argv)
     config = TrainConfig(model=args.model, strategy=args.strategy, beta=args.beta, backend=args.backend,
                          dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp,
+                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         weight_decay=args.weight_decay, amp=args.amp,
                          augmentation=args.augmentation, channels_last=args.channels_last, compile=args.compile,
                          out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                          deterministic=args.deterministic, sync_bn=not args.no_sync_bn, workers=args.workers,

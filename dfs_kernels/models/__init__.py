@@ -17,14 +17,25 @@ no adaptation layers.
 from __future__ import annotations
 
 from ._common import EXIT_GRADS, FLAVOURS, MultiExitNetwork
+from .bert import EncoderConfig, MultiExitEncoder, bert_tiny, bert_tiny_digits
 from .blockwise import Blockwise, blockwise_view
+from .hf_bert import from_hf_bert
 from .msdnet import MSDNet, msdnet
 from .resnet import MultiExitResNet18, resnet18
 from .vgg import MultiExitVGG, vgg7_64, vgg16_64
+from .vit import MultiExitViT, ViTConfig, vit_tiny, vit_tiny_digits
 
 
 def _msdnet_imagenet(**kwargs) -> MSDNet:
     return msdnet("imagenet", **kwargs)
+
+
+def _vit_tiny_gemm_input(**kwargs) -> MultiExitViT:
+    return vit_tiny(placement="gemm_input", **kwargs)
+
+
+def _vit_tiny_digits_gemm_input(**kwargs) -> MultiExitViT:
+    return vit_tiny_digits(placement="gemm_input", **kwargs)
 
 
 MODELS = {
@@ -33,8 +44,17 @@ MODELS = {
     "resnet18": resnet18,
     "msdnet": msdnet,
     "msdnet_imagenet": _msdnet_imagenet,
+    "vit_tiny": vit_tiny,
+    "vit_tiny_gemm_input": _vit_tiny_gemm_input,
+    "vit_tiny_digits": vit_tiny_digits,
+    "vit_tiny_digits_gemm_input": _vit_tiny_digits_gemm_input,
+    "bert_tiny": bert_tiny,
+    "bert_tiny_digits": bert_tiny_digits,
 }
-"""Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet."""
+"""Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet; "vit_tiny" is the official DFS
+placement and "vit_tiny_gemm_input" the GEMM-input one, "vit_tiny_digits" (and its "_gemm_input") the same
+with patch 8 for quick digits runs; "bert_tiny" reads token ids and "bert_tiny_digits" images as 8 row tokens
+of 8 features."""
 MODEL_ALIASES = {"vgg7_64": "vgg7", "vgg16_64": "vgg16"}
 """Factory names accepted for the registry name they build."""
 
@@ -50,26 +70,35 @@ def canonical_model_name(name: str) -> str:
 
 def build_model(name: str, **kwargs) -> MultiExitNetwork:
     """The model registered as ``name`` (see ``MODELS``; factory names such as "vgg7_64" work too), built with
-    the factory's keyword arguments (``num_classes``, ``flavour``, ``beta``, ``backend``, ``exit_grad``;
-    MSDNet also ``growth_rate``)."""
+    the factory's keyword arguments (``num_classes``, ``flavour``, ``beta``, ``backend``; the CNNs also
+    ``exit_grad``, MSDNet ``growth_rate``, the ViT ``placement`` and ``pooling``)."""
     return MODELS[canonical_model_name(name)](**kwargs)
 
 
 __all__ = [
     "Blockwise",
+    "EncoderConfig",
     "EXIT_GRADS",
     "FLAVOURS",
     "MODELS",
     "MODEL_ALIASES",
     "MSDNet",
+    "MultiExitEncoder",
     "MultiExitNetwork",
     "MultiExitResNet18",
     "MultiExitVGG",
+    "MultiExitViT",
+    "ViTConfig",
+    "bert_tiny",
+    "bert_tiny_digits",
     "blockwise_view",
     "build_model",
     "canonical_model_name",
+    "from_hf_bert",
     "msdnet",
     "resnet18",
     "vgg16_64",
     "vgg7_64",
+    "vit_tiny",
+    "vit_tiny_digits",
 ]

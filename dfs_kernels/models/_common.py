@@ -14,12 +14,13 @@ handed out keep the parameter names of their plain counterparts (``weight``/``bi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import functional, reference
 from .._validation import check_beta, shared_channels_for
 from ..backends import check_backend_name
-from ..nn import ExitHead, FeatureReroute, PartitionedConv2d
+from ..nn import ExitHead, FeatureReroute, PartitionedConv2d, PartitionedLinear
 
 FLAVOURS = ("dsn", "dfs_eager", "dfs")
 EXIT_GRADS = ("partitioned", "all")
@@ -36,6 +37,10 @@ class MultiExitNetwork(nn.Module):
 
     def exit_modules(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random batch of what ``forward`` reads (on CPU): images of ``input_size`` by default."""
+        return torch.randn(batch_size, *self.input_size, generator=generator)
 
 
 class ReferencePartitionedConv2d(nn.Conv2d):
@@ -193,3 +198,83 @@ class FlavourLayers:
             return ReferenceSplit(self._shared(channels), full_exit_gradient=full_exit_gradient)
         reroute = RerouteFullExit if full_exit_gradient else FeatureReroute
         return reroute(channels, beta=self.beta, backend=self.backend)
+
+
+# ------------------------------------------------------------------- token models ([N, T, D], split on D)
+
+
+class ReferencePartitionedLinear(nn.Linear):
+    """``nn.Linear`` computing ``linear([x+, sg(x-)], W, b)`` on the last axis with ``dfs_kernels.reference``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, shared_features: int) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.shared_features = shared_features
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return reference.partitioned_linear(input, self.weight, self.bias, self.shared_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared_features={self.shared_features}"
+
+
+class ReferenceTokenSplit(nn.Module):
+    """DFS split point on the hidden axis with ``dfs_kernels.reference``: h [..., D] -> ([h+, sg(h-)], exit
+    view), the exit view being ``[sg(h+), h-]``, or h itself when ``full_exit_gradient``."""
+
+    def __init__(self, shared_features: int, *, full_exit_gradient: bool) -> None:
+        super().__init__()
+        self.shared_features = shared_features
+        self.full_exit_gradient = full_exit_gradient
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone, exit = reference.reroute(x, self.shared_features, dim=-1)
+        return backbone, x if self.full_exit_gradient else exit
+
+
+class TokenReroute(ReferenceTokenSplit):
+    """The same split point through ``dfs_kernels.functional.reroute(..., dim=-1)``: views of h in the forward,
+    one assembled gradient in the backward."""
+
+    def __init__(self, shared_features: int, *, full_exit_gradient: bool, backend: str) -> None:
+        super().__init__(shared_features, full_exit_gradient=full_exit_gradient)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone, exit = functional.reroute(x, self.shared_features, dim=-1, backend=self.backend)
+        return backbone, x if self.full_exit_gradient else exit
+
+
+class TokenFlavourLayers(FlavourLayers):
+    """``FlavourLayers`` for token models, whose split points cut the hidden axis of [N, T, D]."""
+
+    def token_split(self, features: int, *, full_exit_gradient: bool) -> nn.Module:
+        """A split point h -> (backbone view ``[h+, sg(h-)]``, exit view ``[sg(h+), h-]`` or h)."""
+        if self.flavour == "dsn":
+            return PlainSplit()
+        shared = self._shared(features)
+        if self.flavour == "dfs_eager":
+            return ReferenceTokenSplit(shared, full_exit_gradient=full_exit_gradient)
+        return TokenReroute(shared, full_exit_gradient=full_exit_gradient, backend=self.backend)
+
+    def partitioned_linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+        """A linear layer whose input gradient reaches only the first Cp input features (DFS flavours)."""
+        if self.flavour == "dsn":
+            return nn.Linear(in_features, out_features, bias)
+        if self.flavour == "dfs_eager":
+            return ReferencePartitionedLinear(in_features, out_features, bias,
+                                              shared_features=self._shared(in_features))
+        return PartitionedLinear(in_features, out_features, bias, beta=self.beta, backend=self.backend)
+
+
+def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, *,
+                         mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention over ``heads`` heads. query/key/value [N, T, D] -> [N, T, D]; ``mask``
+    is additive, broadcastable to [N, heads, T, T]."""
+    batch, tokens, width = query.shape
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, heads, width // heads).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(split_heads(query), split_heads(key), split_heads(value),
+                                             attn_mask=mask, dropout_p=dropout)
+    return context.transpose(1, 2).reshape(batch, tokens, width)

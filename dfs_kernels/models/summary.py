@@ -24,7 +24,7 @@ from . import MODEL_ALIASES, MODELS, MultiExitNetwork, build_model, canonical_mo
 def exit_costs(model: MultiExitNetwork, batch_size: int = 1) -> list[dict[str, int]]:
     """One dict per exit, shallow to deep: ``params`` (parameters of every module run up to and
     including that exit) and ``flops`` (FLOPs of one forward up to that exit, per image), both
-    cumulative. Runs one forward of ``batch_size`` random images of ``model.input_size`` in eval mode."""
+    cumulative. Runs one forward of ``batch_size`` random inputs (``model.example_input``) in eval mode."""
     seen_parameters: set[int] = set()
     parameter_count = 0
 
@@ -47,7 +47,9 @@ def exit_costs(model: MultiExitNetwork, batch_size: int = 1) -> list[dict[str, i
     try:
         model.eval()
         parameter = next(model.parameters())
-        images = torch.randn(batch_size, *model.input_size, device=parameter.device, dtype=parameter.dtype)
+        images = model.example_input(batch_size).to(parameter.device)
+        if images.is_floating_point():
+            images = images.to(parameter.dtype)
         with torch.no_grad(), counter:
             model(images)
     finally:

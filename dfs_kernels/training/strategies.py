@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..models._common import ReferencePartitionedConv2d, ReferenceSplit
-from ..nn import FeatureReroute, PartitionedConv2d
+from ..models._common import (ReferencePartitionedConv2d, ReferencePartitionedLinear, ReferenceSplit,
+                              ReferenceTokenSplit)
+from ..nn import FeatureReroute, PartitionedConv2d, PartitionedLinear
 from .losses import DeepSupervisionLoss, ExitLoss
 
 
@@ -140,7 +141,8 @@ class JointTraining(Strategy):
         return StepResult.from_terms(exit_losses, logits)
 
 
-DFS_LAYERS = (PartitionedConv2d, ReferencePartitionedConv2d, FeatureReroute, ReferenceSplit)
+DFS_LAYERS = (PartitionedConv2d, ReferencePartitionedConv2d, FeatureReroute, ReferenceSplit, PartitionedLinear,
+              ReferencePartitionedLinear, ReferenceTokenSplit)
 """The layers that put DFS split points into a model (any flavour but "dsn" has at least one)."""
 
 

@@ -52,11 +52,13 @@ DEFAULT_MILESTONES = (250, 280, 295)
 RECIPE_WEIGHT_DECAY = {"vgg7": 1e-4, "vgg16": 1e-4}
 DEFAULT_WEIGHT_DECAY = 5e-4
 RECIPE_EPOCHS = 300
-RESUME_KEYS = ("model", "strategy", "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+RESUME_KEYS = ("model", "strategy", "dataset", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                "milestones", "beta", "flavour", "seed", "synthetic_samples", "strategy_kwargs", "augmentation",
                "sync_bn")
 """Config fields a resumed run must share with the checkpoint's."""
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("sgd", "adamw")
+ADAMW_WEIGHT_DECAY = 0.05
 
 
 @dataclass
@@ -65,7 +67,8 @@ class TrainConfig:
 
     batch_size: the global batch (split over the processes of a torchrun job).
     flavour: model flavour; None picks "dfs" for the dfs strategy and "dsn" otherwise.
-    weight_decay: None takes the recipe's (1e-4 for VGG, 5e-4 otherwise).
+    optimizer: "sgd" (momentum ``momentum``, the CNN recipes) or "adamw" (the transformers' optimizer).
+    weight_decay: None takes the recipe's (1e-4 for VGG, 5e-4 otherwise; 0.05 with AdamW).
     milestones: None scales the recipe's to ``epochs``.
     augmentation: one of ``augment.AUGMENTATIONS``; None takes the recipe's for (dataset, model).
     checkpoint_every: also checkpoint every this many steps within an epoch (0: at epoch ends only).
@@ -84,6 +87,7 @@ class TrainConfig:
     epochs: int = 300
     batch_size: int = 128
     lr: float = 0.1
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float | None = None
     milestones: list[int] | None = None
@@ -235,10 +239,16 @@ def _build(config: TrainConfig, num_classes: int, device: torch.device, job: dis
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weight_decay = config.weight_decay if config.weight_decay is not None else RECIPE_WEIGHT_DECAY.get(
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    recipe_decay = ADAMW_WEIGHT_DECAY if config.optimizer == "adamw" else RECIPE_WEIGHT_DECAY.get(
         config.model, DEFAULT_WEIGHT_DECAY)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=weight_decay)
+    weight_decay = config.weight_decay if config.weight_decay is not None else recipe_decay
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=weight_decay)
     milestones = config.milestones or scaled_milestones(config.model, config.epochs)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -269,7 +279,7 @@ def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
     """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from.
     ValueError naming the file and the field for a checkpoint that does not fit this run."""
     state = load_checkpoint(path, map_location=device)
-    saved = state["config"]
+    saved = {"optimizer": "sgd", **state["config"]}  # checkpoints from before the optimizer option
     changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
     if changed:
         raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
