@@ -100,7 +100,7 @@ def _conv_forward_kernel(
                       X_PIXELS_CONTIGUOUS)  # [BLOCK_M, BLOCK_K]
         b = load_tile(w_ptr + kh * swh + kw * sww, offs_k * swc, w_co, mask_k, mask_n,
                       W_CHANNELS_CONTIGUOUS)  # [BLOCK_K, BLOCK_N]
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if POOL:
             # The fused exit pooling: with stride 1 and an output the size of the input, the tap
             # POOL_TAP reads every x[n, c, h, w] exactly once over the pixel tiles, so the exit's

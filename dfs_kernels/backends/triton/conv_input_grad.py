@@ -150,7 +150,7 @@ def _conv_input_grad_kernel(
                 mask=mask_k[:, None] & (mask_n & shared)[None, :],
                 other=0.0,
             )  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dx_rows = n64 * sdxn + ih * sdxh + iw * sdxw  # computed after the loop: fewer registers live in it
         store_tile(dx_ptr, dx_rows, c * sdxc, mask_m, mask_n & shared, acc.to(dx_ptr.dtype.element_ty),
                    DX_PIXELS_CONTIGUOUS)

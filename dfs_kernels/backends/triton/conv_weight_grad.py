@@ -105,7 +105,7 @@ def _conv_weight_grad_kernel(
         valid = mask_k & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # padding reads as zero
         b = load_tile(x_ptr, n64 * sxn + ih * sxh + iw * sxw, x_col, valid, mask_n,
                       X_PIXELS_CONTIGUOUS)  # [BLOCK_K, BLOCK_N]
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_BIAS:
             bias_acc += tl.sum(a.to(ACC_DTYPE), axis=1)
 

@@ -62,7 +62,7 @@ def _linear_input_grad_kernel(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             b = tl.load(w_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn,
                         mask=mask_k[:, None] & (mask_n & shared)[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * sdxm + offs_n[None, :] * sdxn,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
