@@ -161,3 +161,18 @@ def test_trainer_runs_the_encoder_with_adamw(tmp_path):
     assert len(record["epochs"][0]["test_acc"]) == 4
     with pytest.raises(ValueError, match="optimizer"):
         train(TrainConfig(**{**config.__dict__, "optimizer": "lamb", "out": str(tmp_path / "other")}))
+
+
+def test_trainer_learns_synthetic_token_ids_and_refuses_mismatched_data(tmp_path):
+    """The encoder that embeds token ids trains on the synthetic token dataset (its classes favour bands
+    of the vocabulary, so the loss must fall), and a dataset of the other kind is refused up front."""
+    config = TrainConfig(model="bert_tiny", strategy="dfs", dataset="synthetic_tokens", synthetic_samples=96,
+                         batch_size=16, epochs=3, lr=2e-3, optimizer="adamw", out=str(tmp_path), device="cpu",
+                         progress=False)
+    record = train(config)
+    losses = [epoch["loss"] for epoch in record["epochs"]]
+    assert losses[-1] < 0.95 * losses[0], losses
+    for model, dataset in (("bert_tiny", "synthetic"), ("vgg7", "synthetic_tokens")):
+        with pytest.raises(ValueError, match="do not fit"):
+            train(TrainConfig(**{**config.__dict__, "model": model, "dataset": dataset,
+                                 "out": str(tmp_path / model)}))

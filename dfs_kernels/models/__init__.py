@@ -55,6 +55,8 @@ MODELS = {
 placement and "vit_tiny_gemm_input" the GEMM-input one, "vit_tiny_digits" (and its "_gemm_input") the same
 with patch 8 for quick digits runs; "bert_tiny" reads token ids and "bert_tiny_digits" images as 8 row tokens
 of 8 features."""
+TOKEN_MODELS = ("bert_tiny",)
+"""Registry names of the models that read token ids [N, T] (the others read images)."""
 MODEL_ALIASES = {"vgg7_64": "vgg7", "vgg16_64": "vgg16"}
 """Factory names accepted for the registry name they build."""
 
@@ -82,6 +84,7 @@ __all__ = [
     "FLAVOURS",
     "MODELS",
     "MODEL_ALIASES",
+    "TOKEN_MODELS",
     "MSDNet",
     "MultiExitEncoder",
     "MultiExitNetwork",

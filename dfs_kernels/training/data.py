@@ -8,6 +8,8 @@ of (normalized float32 image [3, H, W], int64 label). All but ImageNet live in m
   replicated to 3 channels, normalized with the training split's statistics; a seeded permutation
   splits it 70/10/20. 10 classes, no augmentation (flipping changes digits).
 - ``"synthetic"``: small random data with class-dependent means (learnable), for smoke tests.
+- ``"synthetic_tokens"``: random token-id sequences [64] from a vocabulary of 1000, each class favouring a
+  band of it (learnable), for the encoders that embed ids (``models.bert_tiny``).
 - ``"cifar100"``: CIFAR-100 from a local folder in the python-pickle layout (``cifar-100-python/``
   with ``train``, ``test``, ``meta``, or that folder itself); never downloads. The pickles are read
   with ``RestrictedUnpickler``. Empty val split (thresholds of anytime inference come from a held-out
@@ -30,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-DATASETS = ("digits", "synthetic", "cifar100", "imagenet")
-IN_MEMORY_DATASETS = ("digits", "synthetic")
+DATASETS = ("digits", "synthetic", "synthetic_tokens", "cifar100", "imagenet")
+IN_MEMORY_DATASETS = ("digits", "synthetic", "synthetic_tokens")
+TOKEN_DATASETS = ("synthetic_tokens",)
+"""Datasets of token ids [N, T] rather than images, for the encoders that embed ids (``models.bert_tiny``)."""
 """The datasets that are not read from a data directory."""
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -84,6 +88,25 @@ def load_digits(seed: int = 0) -> Splits:
     std = train_images.std(dim=(0, 2, 3))
     return Splits(*_normalize(splits, mean, std), num_classes=10, mean=tuple(mean.tolist()),
                   std=tuple(std.tolist()))
+
+
+def load_synthetic_tokens(seed: int = 0, num_samples: int = 64, num_classes: int = 4, vocab_size: int = 1000,
+                          sequence_length: int = 64) -> Splits:
+    """``num_samples`` random token-id sequences [T] per split (train; val and test get half) for the
+    encoders: half of a sequence's tokens are drawn from a band of the vocabulary that belongs to its
+    class, the rest from the whole vocabulary, so a network can learn it."""
+    generator = torch.Generator().manual_seed(seed)
+    band = vocab_size // num_classes
+
+    def make(n: int):
+        labels = torch.randint(num_classes, (n,), generator=generator)
+        anywhere = torch.randint(vocab_size, (n, sequence_length), generator=generator)
+        in_band = labels[:, None] * band + torch.randint(band, (n, sequence_length), generator=generator)
+        from_band = torch.rand(n, sequence_length, generator=generator) < 0.5
+        return TensorDataset(torch.where(from_band, in_band, anywhere), labels)
+
+    half = max(num_samples // 2, 1)
+    return Splits(make(num_samples), make(half), make(half), num_classes=num_classes)
 
 
 def load_synthetic(seed: int = 0, num_samples: int = 64, num_classes: int = 4) -> Splits:
@@ -277,6 +300,8 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, syntheti
         return load_digits(seed)
     if name == "synthetic":
         return load_synthetic(seed, synthetic_samples)
+    if name == "synthetic_tokens":
+        return load_synthetic_tokens(seed, synthetic_samples)
     if name == "cifar100":
         return load_cifar100(data_dir)
     if name == "imagenet":

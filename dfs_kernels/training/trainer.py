@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 
 from .. import BackendUnavailableError, available_backends, unavailable_reason
 from ..backends import check_backend_name
-from ..models import build_model, canonical_model_name
+from ..models import TOKEN_MODELS, build_model, canonical_model_name
 from . import STRATEGIES, build_strategy, distributed
 from .augment import Augmentation, recipe_augmentation
 from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
                          set_rng_state)
-from .data import DATASETS, IN_MEMORY_DATASETS, load_dataset
+from .data import DATASETS, IN_MEMORY_DATASETS, TOKEN_DATASETS, load_dataset
 from .loader import make_source, rank_batches, shard_batches
 
 RECIPE_MILESTONES = {"vgg7": (270, 280, 295), "vgg16": (270, 280, 295)}
@@ -131,6 +131,9 @@ def check_config(config: TrainConfig) -> TrainConfig:
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {list(DATASETS)}")
     config = dataclasses.replace(config, model=canonical_model_name(config.model))
+    if (config.dataset in TOKEN_DATASETS) != (config.model in TOKEN_MODELS):
+        raise ValueError(f"dataset {config.dataset!r} and model {config.model!r} do not fit: token-id datasets "
+                         f"{list(TOKEN_DATASETS)} go with the models that embed ids {list(TOKEN_MODELS)}")
     check_backend_name(config.backend)
     flavour = flavour_of(config)
     if flavour != "dfs" and config.backend != "auto":
@@ -141,7 +144,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
                          "flavour, which shares no channels (strategy 'dfs' does)")
     if config.data_dir is not None and config.dataset in IN_MEMORY_DATASETS:
         warnings.warn(f"data_dir is ignored: dataset {config.dataset!r} is not read from files", stacklevel=2)
-    if config.synthetic_samples != TrainConfig.synthetic_samples and config.dataset != "synthetic":
+    if config.synthetic_samples != TrainConfig.synthetic_samples and not config.dataset.startswith("synthetic"):
         warnings.warn(f"synthetic_samples is ignored by dataset {config.dataset!r}", stacklevel=2)
     if config.workers != TrainConfig.workers and config.dataset != "imagenet":
         warnings.warn(f"workers is ignored: dataset {config.dataset!r} is batched in memory (only imagenet uses "
