@@ -446,6 +446,22 @@ def format_run(run: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(runs: list[dict]) -> str | None:
+    """One line for the largest batch size: how much faster the fastest ``dfs`` variant is than DSN, and
+    what share of the ideal saving it realizes; None where no DFS variant ran."""
+    run = max(runs, key=lambda run: run["batch_size"])
+    candidates = {label: entry for label, entry in run.get("dfs", {}).items() if label.startswith("dfs:")}
+    if not candidates:
+        return None
+    label, entry = min(candidates.items(), key=lambda item: item[1]["r_measured"])
+    faster = 1 / entry["r_measured"] - 1
+    line = (f"verdict (batch {run['batch_size']}): {label} is {abs(faster) * 100:.1f}% "
+            f"{'faster' if faster >= 0 else 'slower'} than dsn")
+    if entry["saving_realized"] is not None:
+        line += f"; {entry['saving_realized'] * 100:.0f}% of the ideal saving realized (R_ideal {entry['r_ideal']:.3f})"
+    return line
+
+
 def format_fits(fits: dict) -> str:
     lines = ["step time vs batch size (least squares over the median step times)",
              f"{'variant':<26}{'ms / image':>11}{'intercept ms':>14}{'R^2':>8}"]
@@ -577,6 +593,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + format_fits(record["linear_fit"]))
     if sweep:
         print("\nbeta sweep\n" + format_run(sweep))
+    record["verdict"] = verdict(runs)
+    if record["verdict"]:
+        print("\n" + record["verdict"])
     output.write_text(json.dumps(record, indent=1))
     print(f"\nwrote {output}")
     if args.plot:

@@ -53,6 +53,11 @@ def test_tiny_run_writes_every_field(train_step, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "R_ideal" in printed and "R_measured" in printed and "ms / image" in printed
+    # The closing verdict names the fastest DFS variant at the largest batch, and its share of the ideal.
+    fastest = min((label for label in record["runs"][-1]["dfs"] if label.startswith("dfs:")),
+                  key=lambda label: record["runs"][-1]["dfs"][label]["r_measured"])
+    assert record["verdict"].startswith(f"verdict (batch 4): {fastest} is ")
+    assert record["verdict"] in printed  # (the share of the ideal is left out where noise makes D <= 0)
 
 
 def test_beta_sweep_and_plots(train_step, tmp_path):
