@@ -69,6 +69,22 @@ def test_aten_input_grad_writes_the_shared_slice_in_place():
     assert torch.equal(grad[..., 4:], torch.zeros(4, 6, 5))
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable (set TRITON_INTERPRET=1 on CPU)")
+@DTYPES
+@pytest.mark.parametrize("cp", [16, 20, 33, 0, 40])
+def test_triton_input_grad_over_several_tiles(cp, dtype):
+    """More rows, input and output features than one tile (64 x 16 x 16 under the interpreter): the GEMM
+    loops over output features, a tile straddling Cp masks the referenced columns of W, and the tiles of
+    referenced features only store zeros, all in the one launch."""
+    dfs_kernels.backends.implementation("triton", "cpu")  # imports (and so registers) the Triton ops
+    grad_output, x = torch.randn(7, 10, 35, dtype=dtype), torch.randn(7, 10, 40, dtype=dtype)
+    w = torch.randn(40, 35, dtype=dtype).t()  # [35, 40], strided
+    grad = torch.ops.dfs_kernels.triton_partitioned_linear_input_grad(grad_output, x, w, cp)
+    assert grad.shape == x.shape and grad.is_contiguous()
+    torch.testing.assert_close(grad[..., :cp], grad_output @ w[:, :cp])
+    assert torch.equal(grad[..., cp:], torch.zeros(7, 10, 40 - cp, dtype=dtype))
+
+
 # --- the module --------------------------------------------------------------------------------------
 
 
@@ -221,3 +237,25 @@ def test_cuda_against_reference(backend, cp, dtype):
         lambda x, w, b: reference.partitioned_linear(x, w, b, cp),
         leaves, dtype=dtype, names=["input", "weight", "bias"],
     )
+
+
+@pytest.mark.parametrize("prefix", [p for p, name in (("", "aten"), ("triton_", "triton")) if name in BACKENDS])
+def test_input_grad_op_refuses_bad_arguments(prefix):
+    """Called directly, each backend's input-gradient op checks what the kernel would otherwise read out of
+    bounds or get silently wrong, and names the argument."""
+    if prefix:
+        dfs_kernels.backends.implementation("triton", "cpu")
+    op = getattr(torch.ops.dfs_kernels, f"{prefix}partitioned_linear_input_grad")
+    grad_output, x, w = torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.randn(4, 6)
+    errors = (RuntimeError, ValueError)  # a TORCH_CHECK is a RuntimeError
+    for cp in (-1, 7):
+        with pytest.raises(errors, match=r"shared_features must be in \[0, in_features=6\]"):
+            op(grad_output, x, w, cp)
+    with pytest.raises(errors, match="grad_output must be input's leading sizes and out_features=4"):
+        op(torch.randn(2, 3, 5), x, w, 3)
+    with pytest.raises(errors, match="grad_output must be input's leading sizes"):
+        op(torch.randn(3, 2, 4), x, w, 3)
+    with pytest.raises(errors, match=r"input must be \[..., in_features=6\]"):
+        op(grad_output, torch.randn(2, 3, 5), w, 3)
+    with pytest.raises(errors, match="weight must be 2-D"):
+        op(grad_output, x, w[None], 3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dfs_kernels import models
-from dfs_kernels.models import EncoderConfig, MultiExitEncoder, MultiExitViT, ViTConfig
+from dfs_kernels.models import EncoderConfig, MultiExitEncoder, MultiExitViT, ViTConfig, hf_bert
 from dfs_kernels.models._common import ReferencePartitionedLinear
 from dfs_kernels import PartitionedLinear
 from dfs_kernels.training import build_strategy
@@ -96,6 +96,10 @@ def test_placements_partition_where_documented():
         MultiExitViT(SMALL_VIT, 5, placement="everywhere")
     with pytest.raises(ValueError, match="divisible"):
         ViTConfig(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match=r"pad_token_id must be None or in \[0, vocab_size=50\)"):
+        EncoderConfig(**{**SMALL_ENCODER.__dict__, "pad_token_id": 50})
+    padded = MultiExitEncoder(EncoderConfig(**{**SMALL_ENCODER.__dict__, "pad_token_id": 3}), 5)
+    assert not padded.embeddings.word_embeddings.weight[3].any()  # BERT's init: the padding row is zeros
 
 
 def test_from_hf_bert_matches_the_hugging_face_logits():
@@ -119,6 +123,50 @@ def test_from_hf_bert_matches_the_hugging_face_logits():
     with pytest.raises(ValueError, match="hidden_act"):
         models.from_hf_bert(transformers.BertForSequenceClassification(
             transformers.BertConfig(**{**config.to_dict(), "hidden_act": "relu"})))
+
+
+def test_from_hf_bert_trains_like_the_hugging_face_model():
+    """Fine-tuning the converted DSN model on its final exit gives Hugging Face's gradients for every copied
+    weight: the padding token's embedding row included, which BERT never updates (``padding_idx``)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=31, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=20, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1)
+    torch.manual_seed(0)
+    hf_model = transformers.BertForSequenceClassification(config).double().train()
+    model = models.from_hf_bert(hf_model, flavour="dsn").train()
+    assert model.embeddings.word_embeddings.padding_idx == 1
+    ids = torch.randint(31, (3, 10))
+    ids[:, -3:] = ids[:, 4] = config.pad_token_id  # one attended: its row would get a gradient without padding_idx
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    weights = torch.randn(3, 3, dtype=torch.float64)
+    (hf_model(input_ids=ids, attention_mask=mask).logits * weights).sum().backward()
+    (model(ids, attention_mask=mask)[-1] * weights).sum().backward()
+    hf_grads = {name: parameter.grad for name, parameter in hf_model.named_parameters()}
+    ours = dict(model.named_parameters())
+    compared = 0
+    for name, parameter in hf_model.named_parameters():
+        target = hf_bert._translate(name, config.num_hidden_layers - 1)
+        torch.testing.assert_close(ours[target].grad, hf_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+        compared += 1
+    assert compared == len(hf_grads)
+    assert torch.count_nonzero(ours["embeddings.word_embeddings.weight"].grad[1]) == 0
+
+
+def test_from_hf_bert_skips_the_hugging_face_buffers():
+    """Older ``transformers`` releases keep ``position_ids`` in the state_dict: a buffer, not a weight."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=8, max_position_embeddings=12)
+    hf_model = transformers.BertForSequenceClassification(config).eval()
+    for name in ("position_ids", "token_type_ids"):
+        buffer = getattr(hf_model.bert.embeddings, name)
+        hf_model.bert.embeddings.register_buffer(name, buffer, persistent=True)
+    assert "bert.embeddings.position_ids" in hf_model.state_dict()
+    ids = torch.randint(20, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(models.from_hf_bert(hf_model).eval()(ids)[-1], hf_model(input_ids=ids).logits)
 
 
 DIGITS_MODELS = {  # small enough for a test: 32x32 digits as 16 patches, or as 8 row tokens of 8 features

@@ -32,7 +32,8 @@ from ._common import MultiExitNetwork, TokenFlavourLayers, multi_head_attention
 class EncoderConfig:
     """Architecture of a ``MultiExitEncoder``; the names and defaults follow ``transformers.BertConfig``.
     ``input_features`` switches from token ids to feature vectors; ``sequence_length`` is the length of
-    ``example_input``'s sequences."""
+    ``example_input``'s sequences; ``pad_token_id`` (None: no padding token) is the word embedding's
+    ``padding_idx``, a row initialized to zeros that training never updates, as in BERT."""
 
     vocab_size: int = 1000
     hidden_size: int = 128
@@ -48,6 +49,7 @@ class EncoderConfig:
     initializer_range: float = 0.02
     input_features: int | None = None
     sequence_length: int = 64
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -58,6 +60,9 @@ class EncoderConfig:
         if self.sequence_length > self.max_position_embeddings:
             raise ValueError(f"sequence_length ({self.sequence_length}) must be <= max_position_embeddings "
                              f"({self.max_position_embeddings})")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be None or in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id}")
 
 
 class Embeddings(nn.Module):
@@ -66,7 +71,7 @@ class Embeddings(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         if config.input_features is None:
-            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         else:
             self.feature_projection = nn.Linear(config.input_features, config.hidden_size)
             self.row_grid = (config.sequence_length, config.input_features)
@@ -167,11 +172,15 @@ class MultiExitEncoder(MultiExitNetwork):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """BERT's initialization: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        """BERT's initialization: normal(0, initializer_range) weights, zero biases and padding embedding,
+        unit LayerNorms."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+            if getattr(module, "padding_idx", None) is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

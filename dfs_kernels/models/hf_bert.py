@@ -68,13 +68,14 @@ def from_hf_bert(hf_model: nn.Module, *, flavour: str = "dfs", beta: float = 0.5
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
         classifier_dropout=config.classifier_dropout, layer_norm_eps=config.layer_norm_eps,
-        initializer_range=config.initializer_range,
+        initializer_range=config.initializer_range, pad_token_id=getattr(config, "pad_token_id", None),
         sequence_length=sequence_length or min(128, config.max_position_embeddings))
     model = MultiExitEncoder(encoder_config, config.num_labels, flavour=flavour, beta=beta, backend=backend)
     last_exit = config.num_hidden_layers - 1
     state = {}
+    buffers = {name for name, _ in hf_model.named_buffers()}  # position_ids (kept by older releases), not weights
     for key, value in hf_model.state_dict().items():
-        target = _translate(key, last_exit)
+        target = None if key in buffers else _translate(key, last_exit)
         if target is not None:
             state[target] = value
     reference_parameter = next(hf_model.parameters())

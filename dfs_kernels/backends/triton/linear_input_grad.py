@@ -72,6 +72,22 @@ _linear_input_grad = triton.autotune(configs=_common.configs(_GPU_CONFIGS, _INTE
 )
 
 
+def _check_arguments(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, shared_features: int,
+                     op: str) -> None:
+    """The checks of the aten op (csrc/partitioned_linear.cpp), for direct calls: the kernel would read out of
+    bounds or silently write a wrong gradient otherwise."""
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        raise ValueError(f"{op}: input must be [..., in_features={in_features}], got shape {tuple(input.shape)}")
+    if not 0 <= shared_features <= in_features:
+        raise ValueError(f"{op}: shared_features must be in [0, in_features={in_features}], got {shared_features}")
+    if tuple(grad_output.shape) != (*input.shape[:-1], out_features):
+        raise ValueError(f"{op}: grad_output must be input's leading sizes and out_features={out_features}, got "
+                         f"shape {tuple(grad_output.shape)} for input shape {tuple(input.shape)}")
+
+
 @triton_op("dfs_kernels::triton_partitioned_linear_input_grad", mutates_args={})
 def triton_partitioned_linear_input_grad(
     grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, shared_features: int
@@ -79,6 +95,7 @@ def triton_partitioned_linear_input_grad(
     """[..., in_features] shaped like ``input`` (read for its shape only), contiguous: ``grad_output @
     weight[:, :shared_features]`` on the first ``shared_features`` features, zeros on the others. The
     schema, fake and autograd of every backend's ``partitioned_linear_input_grad``."""
+    _check_arguments(grad_output, input, weight, shared_features, "triton_partitioned_linear_input_grad")
     out_features, in_features = weight.shape
     grad_input = grad_output.new_empty(input.shape)
     if grad_input.numel() == 0:
