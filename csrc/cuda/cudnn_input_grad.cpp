@@ -324,8 +324,10 @@ void cudnn_input_grad_into(const at::Tensor& grad_input, const at::Tensor& grad_
       run_cudnn(grad_input, dy, w, stride, padding, dilation, groups, channels_last)) {
     return;
   }
-  // ATen's input gradient reads only the shape and memory format of its `input` argument: the view serves.
-  grad_input.copy_(std::get<0>(at::convolution_backward(dy, grad_input, w, /*bias_sizes=*/std::nullopt, stride,
+  // ATen's input gradient reads only the shape and memory format of its `input` argument, but first makes
+  // it contiguous: an uninitialized tensor of the slice's shape spares copying the view.
+  const at::Tensor input_shape = at::empty(grad_input.sizes(), grad_input.options().memory_format(format));
+  grad_input.copy_(std::get<0>(at::convolution_backward(dy, input_shape, w, /*bias_sizes=*/std::nullopt, stride,
                                                         padding, dilation, /*transposed=*/false,
                                                         /*output_padding=*/{0, 0}, groups, {true, false, false})));
 }
