@@ -186,28 +186,63 @@ def test_msdnet_classifiers_drop_out_before_the_linear_layer_as_the_reference():
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
 
 
-def _conv_std_is_reference(conv: torch.nn.Conv2d) -> bool:
-    """std(weight) within 5% of sqrt(2 / (kH * kW * out_channels)), for convs large enough to tell."""
-    expected = (2.0 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels)) ** 0.5
-    return abs(conv.weight.std().item() / expected - 1) < 0.05
+def _conv_std_ratio(conv: torch.nn.Conv2d, fan: str) -> float:
+    """std(weight) over the std of an init: "fan_out" sqrt(2 / (kH * kW * out_channels)) (ResNet-18's
+    kaiming_normal_ and the reference MSDNet's _init_weights), "default" PyTorch's kaiming_uniform_(a=sqrt(5)),
+    1 / sqrt(3 * fan_in)."""
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    expected = (2.0 / (k * conv.out_channels)) ** 0.5 if fan == "fan_out" else (
+        3.0 * k * conv.in_channels // conv.groups) ** -0.5
+    return conv.weight.std().item() / expected
 
 
-@pytest.mark.parametrize("name", ["resnet18", "msdnet"])
-def test_resnet18_and_msdnet_initialize_as_the_reference_code(name):
+def _big_convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The convs with enough weights (>= 20000) for their std to be within 5% of the init's."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 20000]
+
+
+def test_resnet18_initializes_as_the_reference_code():
     torch.manual_seed(0)
     for flavour in models.FLAVOURS:
-        model = models.build_model(name, flavour=flavour)
-        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 20000]
-        assert len(convs) >= 5 and all(_conv_std_is_reference(conv) for conv in convs)
+        model = models.build_model("resnet18", flavour=flavour)
+        convs = _big_convs(model)
+        assert len(convs) >= 5 and all(abs(_conv_std_ratio(conv, "fan_out") - 1) < 0.05 for conv in convs)
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 assert torch.equal(module.weight, torch.ones_like(module.weight))
                 assert torch.equal(module.bias, torch.zeros_like(module.bias))
-            if name == "msdnet" and isinstance(module, torch.nn.Linear):
-                assert torch.equal(module.bias, torch.zeros_like(module.bias))
     vgg = models.build_model("vgg7", flavour="dsn")  # other models keep PyTorch's defaults
-    big = [m for m in vgg.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 20000]
-    assert big and not any(_conv_std_is_reference(conv) for conv in big)
+    assert _big_convs(vgg) and all(abs(_conv_std_ratio(conv, "default") - 1) < 0.05 for conv in _big_convs(vgg))
+
+
+def _reference_msdnet_init_targets(model) -> list[torch.nn.Module]:
+    """The modules the reference MSDNet passes to ``_init_weights``: for ``m`` in blocks and in classifier,
+    the items of ``m`` where ``hasattr(m, '__iter__')`` (a block's nn.Sequential), else ``m`` itself."""
+    targets = []
+    for container in (model.blocks, model.classifier):
+        for m in container:
+            targets.extend(m if hasattr(m, "__iter__") else [m])
+    return targets
+
+
+@pytest.mark.parametrize("name", ["msdnet", "msdnet_imagenet"])
+def test_msdnet_keeps_pytorch_defaults_as_the_reference_code_does(name):
+    """The reference's MSDNet init loop never reaches a Conv2d, BatchNorm2d or Linear (it visits the
+    blocks' MSDNFirstLayer / MSDNLayer / ParallelModule and the ClassifierModules), so it trains from
+    PyTorch's defaults: a recursive N(0, 2 / fan_out) conv init and zero Linear biases would not be faithful."""
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10} if name == "msdnet_imagenet" else {}
+    for flavour in models.FLAVOURS:
+        model = models.build_model(name, flavour=flavour, **kwargs)
+        targets = _reference_msdnet_init_targets(model)
+        assert {type(m).__name__ for m in targets} == {"MSDNFirstLayer", "MSDNLayer", "ParallelModule",
+                                                       "ClassifierModule"}
+        assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear)) for m in targets)
+        convs = _big_convs(model)
+        assert len(convs) >= 5 and all(abs(_conv_std_ratio(conv, "default") - 1) < 0.05 for conv in convs)
+        assert not any(abs(_conv_std_ratio(conv, "fan_out") - 1) < 0.05 for conv in convs)
+        biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert biases and all(bias.abs().min() > 0 for bias in biases)  # PyTorch's uniform, not zeros
 
 
 def test_dfs_flavour_is_built_from_the_package_modules():

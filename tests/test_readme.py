@@ -1,14 +1,25 @@
-"""The README's Python snippets run as written: each ```python block, on its own, in a fresh namespace."""
+"""The README's Python snippets run as written: each ```python block, on its own, in a fresh namespace.
+
+Each block runs in a fresh temporary working directory, so files a snippet writes (the Deploy section saves an
+exported program and an ONNX model) land there and never in the repository.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 SNIPPETS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+def _repo_root_entries() -> set[str]:
+    # Hidden entries (.pytest_cache, .benchmarks) belong to the tools, not to the snippets.
+    return {name for name in os.listdir(REPO) if not name.startswith(".")}
 
 
 def test_readme_has_python_snippets():
@@ -16,5 +27,10 @@ def test_readme_has_python_snippets():
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs_as_written(index):
+def test_readme_snippet_runs_as_written(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = _repo_root_entries()
     exec(compile(SNIPPETS[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    assert Path.cwd() == tmp_path, "a README snippet changed the working directory"
+    written = sorted(_repo_root_entries() - before)
+    assert not written, f"README python block {index + 1} wrote into the repository: {written}"

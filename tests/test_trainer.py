@@ -80,6 +80,9 @@ def test_numpy_scalar_labels_load_through_the_restricted_unpickler(tmp_path, pro
     ("fine_labels", None, [0, 1, 2, 3, 4, -1], r"field 'fine_labels' must be in \[0, 100\)"),
     ("fine_labels", None, [0, 1, 2], r"field 'fine_labels' has 3 labels for 6 images"),
     ("fine_labels", None, [0.5] * 6, r"field 'fine_labels' must be a list of integers"),
+    ("fine_labels", None, 5, r"field 'fine_labels' must be a list of integers, got int"),
+    ("fine_labels", None, b"\x01" * 6, r"field 'fine_labels' must be a list of integers, got bytes"),
+    ("fine_labels", None, [[0, 1], [2]] + [0] * 4, r"field 'fine_labels' must be a flat list of integers"),
 ])
 def test_cifar_loader_validates_each_field_naming_the_file(tmp_path, field, data, labels, message):
     _write_fake_cifar(tmp_path / "cifar-100-python", data=data, labels=labels)
@@ -248,6 +251,10 @@ BAD_FIELDS = [
     (("epoch",), "1", r"field 'epoch' must be an int, got str"),
     (("epoch",), 7, r"field 'epoch' is 7, past the run's 2 epochs"),
     (("history",), [], r"field 'history' has 0 epochs, field 'epoch' says 1"),
+    (("history",), [1], r"field 'history\.0' must be a dict with keys \['epoch', 'lr'"),
+    (("history", 0, "test_acc"), [50.0], r"field 'history\.0\.test_acc' must be a list of 6 numbers"),
+    (("optimizer", "state", 0, "momentum_buffer"), torch.zeros(1),
+     r"field 'optimizer\.state\.0\.momentum_buffer' must have the shape \[64, 3, 3, 3\]"),
     (("model", "layers.0.conv.weight"), 3.0, r"field 'model\.layers\.0\.conv\.weight' must be a tensor"),
     (("optimizer",), {"state": {}, "param_groups": [{"params": [0]}]}, r"field 'optimizer' does not match this run"),
     (("scheduler",), {"milestones": 5}, r"field 'scheduler' does not match this run"),

@@ -207,26 +207,17 @@ class ClassifierModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-@torch.no_grad()
-def _reference_init(module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d):
-        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-        module.weight.normal_(0, math.sqrt(2.0 / fan_out))
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        nn.init.zeros_(module.bias)
-
-
 class MSDNet(MultiExitNetwork):
     """MSDNet with one classifier per block.
 
     ``forward(x)``: x [N, 3, H, W] -> ``config.num_blocks`` logits [N, num_classes], shallow to deep.
     ``return_features=True`` returns ``(logits, None)``: MSDNet has no distillation features.
-    Initialized as the reference code: conv weights N(0, 2 / (kH * kW * out_channels)), BatchNorm
-    weight 1 and bias 0, Linear bias 0 (Linear weights and the ImageNet stem's conv bias keep PyTorch's
-    defaults). The classifiers' dropout makes training-mode outputs random: compare flavours in eval mode.
+    Initialization: PyTorch's defaults, which is what the reference code's MSDNet trains from. Its
+    ``_init_weights`` (conv N(0, 2 / (kH * kW * out_channels)), BatchNorm 1 / 0, Linear bias 0) is called
+    only on the direct children of each block's ``nn.Sequential`` (``MSDNFirstLayer``, ``MSDNLayer``, the
+    transitions' ``ParallelModule``) and on the ``ClassifierModule``s, none of which is a Conv2d, BatchNorm2d
+    or Linear, so it changes no parameter. The classifiers' dropout makes training-mode outputs random:
+    compare flavours in eval mode or from one RNG seed.
     """
 
     def __init__(self, config: MSDNetConfig, num_classes: int, *, flavour: str = "dfs", beta: float = 0.5,
@@ -260,7 +251,6 @@ class MSDNet(MultiExitNetwork):
             coarsest_widths.append(channels * config.growth_factors[-1])
             self.classifier.append(ClassifierModule(coarsest_widths[-1], config.classifier_channels, num_classes))
         self.splits = nn.ModuleList(dfs.split(width) for width in coarsest_widths[:-1])
-        self.apply(_reference_init)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         logits = []

@@ -34,9 +34,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 DATASETS = ("digits", "synthetic", "synthetic_tokens", "cifar100", "imagenet")
 IN_MEMORY_DATASETS = ("digits", "synthetic", "synthetic_tokens")
+"""The datasets that are not read from a data directory."""
 TOKEN_DATASETS = ("synthetic_tokens",)
 """Datasets of token ids [N, T] rather than images, for the encoders that embed ids (``models.bert_tiny``)."""
-"""The datasets that are not read from a data directory."""
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -239,7 +239,12 @@ def _cifar_labels(labels, count: int, num_classes: int, path: str) -> torch.Tens
     """``labels`` (a list of ints or numpy integers, or an integer array) -> int64 [count] in [0, num_classes)."""
     import numpy
 
-    values = numpy.asarray(labels if isinstance(labels, numpy.ndarray) else list(labels))
+    if not isinstance(labels, (list, tuple, numpy.ndarray)):
+        raise ValueError(f"{path}: field 'fine_labels' must be a list of integers, got {type(labels).__name__}")
+    try:
+        values = numpy.asarray(labels)
+    except (ValueError, TypeError) as error:  # ragged nesting
+        raise ValueError(f"{path}: field 'fine_labels' must be a flat list of integers: {error}") from error
     if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
         raise ValueError(f"{path}: field 'fine_labels' must be a list of integers, got "
                          f"{values.dtype} of shape {list(values.shape)}")

@@ -277,6 +277,40 @@ def _check_like(saved: dict, fresh: dict) -> None:
             raise TypeError(f"{key!r} is {_kind(saved[key])}, expected {_kind(value)}")
 
 
+HISTORY_KEYS = ("epoch", "lr", "loss", "seconds", "train_loss", "val_acc", "test_acc")
+"""The fields of an epoch's record (``train``'s return value, metrics.json and the checkpoint's history)."""
+
+
+def _check_history(history: list, exits: int, path: str) -> None:
+    """ValueError naming ``path`` and the field unless every record of ``history`` has ``HISTORY_KEYS`` and
+    one train loss and test accuracy per exit: metrics.csv is written from them after the next epoch."""
+    for index, record in enumerate(history):
+        field = f"history.{index}"
+        if not isinstance(record, dict) or not set(HISTORY_KEYS) <= record.keys():
+            shown = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"checkpoint {path}: field {field!r} must be a dict with keys {list(HISTORY_KEYS)}, "
+                             f"got {shown}")
+        for key in ("train_loss", "test_acc"):
+            values = record[key]
+            if not isinstance(values, list) or len(values) != exits:
+                shown = len(values) if isinstance(values, list) else type(values).__name__
+                raise ValueError(f"checkpoint {path}: field '{field}.{key}' must be a list of {exits} numbers "
+                                 f"(one per exit), got {shown}")
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
+    """ValueError naming ``path`` and the field for a per-parameter optimizer tensor (momentum buffer, Adam
+    moments) whose shape is not its parameter's: ``load_state_dict`` takes it, the first step would fail."""
+    index = 0
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise ValueError(f"checkpoint {path}: field 'optimizer.state.{index}.{key}' must have the shape "
+                                     f"{list(parameter.shape)} of parameter {index}, got {list(value.shape)}")
+            index += 1
+
+
 def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
             steps_per_epoch: int) -> tuple[int, int, object, list]:
     """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from.
@@ -295,8 +329,9 @@ def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
                          f"{steps_per_epoch} steps")
     if len(history) != epoch:
         raise ValueError(f"checkpoint {path}: field 'history' has {len(history)} epochs, field 'epoch' says {epoch}")
-    loss_sums = state.get("loss_sums")
     exits = len(run.model.exit_modules())
+    _check_history(history, exits, path)
+    loss_sums = state.get("loss_sums")
     if step > 0 and (loss_sums is None or loss_sums.shape != (exits,)):
         raise ValueError(f"checkpoint {path}: field 'loss_sums' must be a tensor [{exits}] (one sum per exit) "
                          f"mid-epoch, got {None if loss_sums is None else list(loss_sums.shape)}")
@@ -309,6 +344,7 @@ def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
             raise ValueError(f"checkpoint {path}: field {field!r} does not match this run: "
                              f"{type(error).__name__}: {error}") from error
+    _check_optimizer_state(run.optimizer, path)
     try:
         set_rng_state(state["rng"])
     except (ValueError, RuntimeError, TypeError, OverflowError) as error:
