@@ -51,8 +51,8 @@ def partitioned_conv2d(
     conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if cp == channels:
         return F.conv2d(input, weight, bias, **conv)
-    if cp == 0:
-        return F.conv2d(input.detach(), weight, bias, **conv)
+    if cp == 0:  # every channel referenced; x stays in the graph, with a zero gradient
+        return F.conv2d(partition(input, 0), weight, bias, **conv)
     if groups != 1:
         return F.conv2d(partition(input, cp), weight, bias, **conv)
     shared = F.conv2d(input[:, :cp], weight[:, :cp], bias, **conv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from dfs_kernels.testing import assert_close
@@ -133,6 +134,39 @@ LEAN_CONV_GRID = {
     "wide": Conv(20, 18, 3, padding=1, size=(5, 4)),
 }
 """A lean grid for the Triton interpreter, which runs every program in Python."""
+
+
+GPU_SIZED_CONVS = {
+    "vgg-64": Conv(64, 64, 3, padding=1, size=(16, 16), batch=4),
+    "resnet-down": Conv(64, 128, 3, stride=2, padding=1, size=(16, 16), batch=4, bias=False),
+    "1x1-down": Conv(64, 128, 1, stride=2, size=(15, 15), batch=3, bias=False),
+}
+"""Convolutions of the models' sizes, which the GPU grids add to the lean one."""
+
+CUDA_DTYPES = {"f32": (torch.float32, torch.float32), "tf32": (torch.float32, "tf32"),
+               "f16": (torch.float16, torch.float16), "bf16": (torch.bfloat16, torch.bfloat16)}
+"""The GPU grids' dtypes: name -> (dtype, tolerance); "tf32" is float32 with the backend under test
+allowed TF32 (the oracle never is: ``exact_cuda_math``)."""
+
+
+def cuda_dtype_cases(convs: dict[str, Conv]) -> list:
+    """pytest params (conv name, dtype name) over ``convs`` and ``CUDA_DTYPES``: TF32 against the IEEE
+    oracle only on the short reductions (C_in / groups * kH * kW <= 63) the "tf32" tolerance is meant
+    for, since TF32's error grows with the reduction's length."""
+    return [
+        pytest.param(name, dtype_name, id=f"{name}-{dtype_name}")
+        for name, conv in convs.items()
+        for dtype_name in CUDA_DTYPES
+        if dtype_name != "tf32" or conv.in_channels // conv.groups * conv.kernel()[0] * conv.kernel()[1] <= 63
+    ]
+
+
+@pytest.fixture
+def exact_cuda_math(monkeypatch):
+    """The oracle runs on cuDNN and cuBLAS: keep them in IEEE float32, so that only a backend asked
+    for TF32 uses it (import this fixture into the test module)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def boundary_shared_counts(conv: Conv) -> list[int]:

@@ -15,6 +15,7 @@ import torch
 import dfs_kernels
 from dfs_kernels import backends, reference
 from dfs_kernels.testing import assert_close
+from helpers import exact_cuda_math  # noqa: F401  (a fixture)
 
 CUDA = torch.cuda.is_available()
 TRITON_CPU_REASON = dfs_kernels.unavailable_reason("triton", "cpu")
@@ -184,13 +185,6 @@ def test_cuda_auto_measures_and_reports(fresh_auto_cache, exact_cuda_math):
     finally:
         if monkeypatch_choices is not None:
             backends._AUTO_CHOICES["cuda"] = monkeypatch_choices
-
-
-@pytest.fixture
-def exact_cuda_math(monkeypatch):
-    """The oracle runs on cuDNN: keep it in IEEE float32 so that only a backend asked for TF32 uses it."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def test_auto_is_a_backend_name_only_for_resolution():

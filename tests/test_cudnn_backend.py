@@ -18,7 +18,10 @@ import torch
 
 import dfs_kernels
 from dfs_kernels import backends, functional, reference
-from helpers import CONV_GRID, LAYOUTS, LEAN_CONV_GRID, Conv, boundary_shared_counts, compare_backward, conv_leaves, view_of
+from helpers import (
+    CONV_GRID, CUDA_DTYPES, GPU_SIZED_CONVS, LAYOUTS, LEAN_CONV_GRID, Conv, boundary_shared_counts, compare_backward,
+    conv_leaves, cuda_dtype_cases, view_of,
+)
 
 REASON_CPU = dfs_kernels.unavailable_reason("cudnn", "cpu")
 
@@ -80,27 +83,15 @@ def test_backward_routes_the_input_grad_to_the_cudnn_op(stage):
 CONVS = {
     **LEAN_CONV_GRID,
     "groups4-stride2": CONV_GRID["groups4-stride2"],
-    "vgg-64": Conv(64, 64, 3, padding=1, size=(16, 16), batch=4),
-    "resnet-down": Conv(64, 128, 3, stride=2, padding=1, size=(16, 16), batch=4, bias=False),
-    "1x1-down": Conv(64, 128, 1, stride=2, size=(15, 15), batch=3, bias=False),
+    **GPU_SIZED_CONVS,
 }
-# name: (dtype, TF32 allowed in cuDNN, tolerance)
-MODES = {"f32": (torch.float32, False, torch.float32), "tf32": (torch.float32, True, "tf32"),
-         "f16": (torch.float16, False, torch.float16), "bf16": (torch.bfloat16, False, torch.bfloat16)}
 
 
 def shared_channel_counts(conv: Conv) -> list[int]:
     return sorted({*boundary_shared_counts(conv), conv.in_channels // 2})
 
 
-# TF32 only on short reductions (C_in / groups * kH * kW <= 63), which the "tf32" tolerance is meant for:
-# its error grows with the reduction's length.
-CASES = [
-    pytest.param(name, mode, id=f"{name}-{mode}")
-    for name, conv in CONVS.items()
-    for mode in MODES
-    if mode != "tf32" or conv.in_channels // conv.groups * conv.kernel()[0] * conv.kernel()[1] <= 63
-]
+CASES = cuda_dtype_cases(CONVS)
 
 
 @pytest.fixture
@@ -108,8 +99,8 @@ def cudnn_mode(monkeypatch):
     """Sets cuDNN's TF32 switch for a mode; the oracle runs in float64, where TF32 never applies."""
 
     def set_mode(mode: str):
-        dtype, tf32, tol = MODES[mode]
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        dtype, tol = CUDA_DTYPES[mode]
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", mode == "tf32")
         return dtype, tol
 
     return set_mode

@@ -1,7 +1,8 @@
 """Derivatives beyond the first backward, on every backend against ``dfs_kernels.reference``:
 double backward (``create_graph=True``) equal to the reference's and ``gradgradcheck`` in float64,
 forward-mode AD (``jvp``, ``jacfwd``, dual tensors), ``torch.func.grad`` / ``jacrev`` and per-sample
-gradients (``vmap(grad)``), and an input gradient that is a tensor at every Cp, never None."""
+gradients (``vmap(grad)``), an input gradient that is a tensor at every Cp, never None, and the
+registered backward ops' own derivatives (``gradcheck`` / ``gradgradcheck`` of each, called directly)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pytest
 import torch
 from torch.autograd import forward_ad
 
+from torch.utils import _pytree
+
 import dfs_kernels
-from dfs_kernels import functional, reference
+from dfs_kernels import backends, functional, reference
 from dfs_kernels.testing import assert_close
+from helpers import opcheck_cases
 
 BACKENDS = dfs_kernels.available_backends("cpu", include_interpreted=True)
 CP, C = 2, 5
@@ -159,8 +163,7 @@ def _as_tuple(value):
     return value if isinstance(value, tuple) else (value,)
 
 
-@pytest.mark.parametrize("name", ["partitioned_conv2d", "stage", "reroute", "exit_head", "partitioned_linear",
-                                  "reroute_tokens"])
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_func_grad_jacrev_jacfwd_equal_reference(backend, name):
     fn, leaves = _op(name, backend)
@@ -180,18 +183,18 @@ def test_func_grad_jacrev_jacfwd_equal_reference(backend, name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_sample_gradients_with_vmap(backend):
     """vmap(grad(...)) over the batch, as differentially private training computes per-sample
-    gradients: equal to one backward per sample on the reference."""
+    gradients: equal to one backward per sample on the reference. A partitioned convolution, an
+    exit head and a partitioned linear layer (on the last axis of x, as on tokens)."""
     conv = dfs_kernels.PartitionedConv2d(C, 4, 3, padding=1, shared_channels=CP, backend=backend).double()
     head = dfs_kernels.ExitHead(C, 3, shared_channels=CP, bias=True, backend=backend).double()
-    params = {**{f"conv.{k}": v.detach() for k, v in conv.named_parameters()},
-              **{f"head.{k}": v.detach() for k, v in head.named_parameters()}}
-    modules = torch.nn.ModuleDict({"conv": conv, "head": head})
+    linear = dfs_kernels.PartitionedLinear(4, 3, shared_features=CP, backend=backend).double()
+    modules = torch.nn.ModuleDict({"conv": conv, "head": head, "linear": linear})
+    params = {k: v.detach() for k, v in modules.named_parameters()}
 
     def loss(params, x):
         x = x.unsqueeze(0)
-        conv_out = torch.func.functional_call(modules["conv"], _sub(params, "conv"), (x,))
-        exit_logits = torch.func.functional_call(modules["head"], _sub(params, "head"), (x,))
-        return conv_out.square().mean() + exit_logits.square().mean()
+        outputs = [torch.func.functional_call(module, _sub(params, name), (x,)) for name, module in modules.items()]
+        return sum(out.square().mean() for out in outputs)
 
     x = torch.randn(3, C, 5, 4, dtype=torch.float64)
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
@@ -200,7 +203,9 @@ def test_per_sample_gradients_with_vmap(backend):
         sample = x[i:i + 1]
         value = (reference.partitioned_conv2d(sample, leaves["conv.weight"], leaves["conv.bias"], padding=1,
                                               shared_channels=CP).square().mean()
-                 + reference.exit_head(sample, leaves["head.fc.weight"], leaves["head.fc.bias"], CP).square().mean())
+                 + reference.exit_head(sample, leaves["head.fc.weight"], leaves["head.fc.bias"], CP).square().mean()
+                 + reference.partitioned_linear(sample, leaves["linear.weight"], leaves["linear.bias"],
+                                                CP).square().mean())
         expected = torch.autograd.grad(value, list(leaves.values()))
         for (key, actual), e in zip(per_sample.items(), expected):
             assert_close(actual[i], e, name=f"sample {i} {key}")
@@ -213,10 +218,10 @@ def _sub(params: dict, prefix: str) -> dict:
 # --- the input gradient is a tensor at every Cp ------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_input_gradient_is_a_tensor_at_every_cp(backend):
-    """Unlike the literal oracle, which detaches whole tensors at Cp = 0 or C (so that x may get no
-    gradient at all), every backend gives x a gradient tensor, zero where DFS says so."""
+    """Every backend, the oracle included, gives x a gradient tensor at Cp = 0 and C, zero where DFS
+    says so: ``torch.autograd.grad(y, x)`` never raises "not used in the graph"."""
     x = torch.randn(2, C, 5, 4, requires_grad=True)
     w = torch.randn(3, C, 3, 3)
     w_linear = torch.randn(3, 4)  # on the last axis of x, of size 4
@@ -224,6 +229,8 @@ def test_input_gradient_is_a_tensor_at_every_cp(backend):
         checks = {
             "partitioned_conv2d": lambda: functional.partitioned_conv2d(x, w, padding=1, shared_channels=cp,
                                                                         backend=backend),
+            "stage conv": lambda: functional.partitioned_conv2d_with_exit_pool(x, w, padding=1, shared_channels=cp,
+                                                                               backend=backend)[0],
             "exit_reference": lambda: functional.exit_reference(x, cp, backend=backend),
             "exit_avg_pool": lambda: functional.exit_avg_pool(x, cp, backend=backend),
             "reroute backbone": lambda: functional.reroute(x, cp, backend=backend)[0],
@@ -234,6 +241,7 @@ def test_input_gradient_is_a_tensor_at_every_cp(backend):
         }
         expected_runs = {
             "partitioned_conv2d": lambda: reference.partitioned_conv2d(x, w, padding=1, shared_channels=cp),
+            "stage conv": lambda: reference.partitioned_conv2d(x, w, padding=1, shared_channels=cp),
             "exit_reference": lambda: reference.exit_reference(x, cp),
             "exit_avg_pool": lambda: reference.exit_avg_pool(x, cp),
             "reroute backbone": lambda: reference.reroute(x, cp)[0],
@@ -243,8 +251,67 @@ def test_input_gradient_is_a_tensor_at_every_cp(backend):
         }
         for name, run in checks.items():
             (grad,) = torch.autograd.grad(run().square().sum(), x)  # raises if x got no gradient at all
-            expected_out = expected_runs[name]()
-            # The oracle detaches whole tensors, so at Cp = 0 or C its output may not reach x at all.
-            expected = (torch.autograd.grad(expected_out.square().sum(), x)[0] if expected_out.requires_grad
-                        else torch.zeros_like(x))
+            (expected,) = torch.autograd.grad(expected_runs[name]().square().sum(), x)
             assert_close(grad, expected, name=f"{name} at Cp={cp}")
+            if cp == 0 and name in ("partitioned_conv2d", "stage conv", "reroute backbone", "partitioned_linear"):
+                assert not grad.any(), f"{name} at Cp=0: every channel is referenced, the gradient must be zero"
+
+
+# --- the registered backward ops, differentiated directly ---------------------------------------------
+
+# The ops a first backward calls; their own autograd formulas serve a backward that differentiates
+# them (the recorded backward of the forward ops uses _composite instead, tested above).
+BACKWARD_OPS = ("partitioned_conv2d_input_grad", "partitioned_linear_input_grad", "exit_avg_pool_backward",
+                "merge_channels", "pad_channels")
+# Argument positions read for their shape and layout only: constants, not inputs of the check.
+SHAPE_ONLY = {"partitioned_conv2d_input_grad": {1}, "partitioned_linear_input_grad": {1}}
+OP_BACKENDS = [name for name in ("aten", "triton") if dfs_kernels.unavailable_reason(name, "cpu") is None]
+
+
+def _family(op_name: str) -> str:
+    return op_name.removeprefix("triton_")
+
+
+BACKWARD_OP_CASES = [
+    pytest.param(backend, index, id=f"{name}-{index}")
+    for backend in OP_BACKENDS
+    for index, (name, _) in enumerate(opcheck_cases(backend))
+    if _family(name) in BACKWARD_OPS
+]
+
+
+@pytest.mark.parametrize("backend, index", BACKWARD_OP_CASES)
+def test_backward_ops_gradcheck_and_gradgradcheck(backend, index):
+    """Each ``opcheck`` case of a backward op, in float64, every floating tensor argument an input
+    (but those read for their shape): gradcheck and gradgradcheck of the registered op itself."""
+    backends.implementation(backend, "cpu")  # registers the backend's ops
+    name, args = opcheck_cases(backend, dtype=torch.float64)[index]
+    constants = SHAPE_ONLY.get(_family(name), set())
+    args = [arg.detach() if i in constants else arg for i, arg in enumerate(args)]
+    leaves, spec = _pytree.tree_flatten(args)
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and not
+                 any(leaf is args[c] for c in constants)]
+    inputs = tuple(leaves[i].detach().clone().requires_grad_() for i in positions)
+    op = getattr(torch.ops.dfs_kernels, name)
+
+    def fn(*tensors):
+        call = list(leaves)
+        for i, tensor in zip(positions, tensors):
+            call[i] = tensor
+        return op(*_pytree.tree_unflatten(call, spec))
+
+    fast = backend == "triton"  # the interpreter: random projections of the Jacobians
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
+
+
+@pytest.mark.skipif("triton" not in OP_BACKENDS, reason="the triton backend does not run here")
+def test_triton_weight_gradient_op_names_what_to_differentiate():
+    backends.implementation("triton", "cpu")
+    name, args = next(case for case in opcheck_cases("triton", dtype=torch.float64)
+                      if case[0] == "triton_conv2d_weight_grad")
+    grad_output = args[0].detach().clone().requires_grad_()
+    grad_weight, _ = getattr(torch.ops.dfs_kernels, name)(grad_output, *args[1:])
+    with pytest.raises(NotImplementedError, match="triton_conv2d_weight_grad has no derivative.*"
+                                                  "differentiate dfs_kernels::triton_partitioned_conv2d"):
+        grad_weight.sum().backward()

@@ -20,7 +20,10 @@ import torch
 import dfs_kernels
 from dfs_kernels import functional, reference
 from dfs_kernels.testing import assert_close
-from helpers import LEAN_CONV_GRID, Conv, boundary_shared_counts, check_conv, compare_backward, conv_leaves, feature_map, view_of
+from helpers import (  # noqa: F401  (exact_cuda_math: a fixture)
+    CUDA_DTYPES, GPU_SIZED_CONVS, LEAN_CONV_GRID, Conv, boundary_shared_counts, check_conv, compare_backward,
+    conv_leaves, cuda_dtype_cases, exact_cuda_math, feature_map, view_of,
+)
 
 CUDA = torch.cuda.is_available()
 TRITON_CPU_REASON = dfs_kernels.unavailable_reason("triton", "cpu")
@@ -281,35 +284,15 @@ def test_kernels_compile_for_nvidia_gpus():
 
 CUDA_CONVS = {
     **{name: CONVS[name] for name in ("k3", "k5-stride2", "stride2-dilation2", "groups2", "depthwise-same")},
-    "vgg-64": Conv(64, 64, 3, padding=1, size=(16, 16), batch=4),
-    "resnet-down": Conv(64, 128, 3, stride=2, padding=1, size=(16, 16), batch=4, bias=False),
-    "1x1-down": Conv(64, 128, 1, stride=2, size=(15, 15), batch=3, bias=False),
+    **GPU_SIZED_CONVS,
 }
-CUDA_DTYPES = {"f32": (torch.float32, torch.float32), "tf32": (torch.float32, "tf32"),
-               "f16": (torch.float16, torch.float16), "bf16": (torch.bfloat16, torch.bfloat16)}
-
-
-@pytest.fixture
-def exact_cudnn(monkeypatch):
-    """The oracle runs on cuDNN: keep it in IEEE float32 so only our kernels use TF32 when asked."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
-# TF32 against the IEEE oracle only on the short reductions (C_in * kH * kW <= 63) the "tf32" entry
-# of the tolerance table is meant for: TF32's error grows with the reduction's length.
-CUDA_CASES = [
-    pytest.param(name, dtype_name, id=f"{name}-{dtype_name}")
-    for name, conv in CUDA_CONVS.items()
-    for dtype_name in CUDA_DTYPES
-    if dtype_name != "tf32" or conv.in_channels // conv.groups * conv.kernel()[0] * conv.kernel()[1] <= 63
-]
+CUDA_CASES = cuda_dtype_cases(CUDA_CONVS)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("name, dtype_name", CUDA_CASES)
-def test_cuda_conv_matches_reference(name, dtype_name, layout, exact_cudnn, monkeypatch):
+def test_cuda_conv_matches_reference(name, dtype_name, layout, exact_cuda_math, monkeypatch):
     cuda_triton_or_skip()
     dtype, tol = CUDA_DTYPES[dtype_name]
     if dtype_name == "tf32":
@@ -322,7 +305,7 @@ def test_cuda_conv_matches_reference(name, dtype_name, layout, exact_cudnn, monk
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype_name", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cuda_fused_stage_and_referencing(layout, dtype_name, exact_cudnn):
+def test_cuda_fused_stage_and_referencing(layout, dtype_name, exact_cuda_math):
     cuda_triton_or_skip()
     dtype, tol = CUDA_DTYPES[dtype_name]
     for conv in (Conv(64, 32, 3, padding=1, size=(8, 8), batch=8), Conv(32, 16, 3, stride=2, padding=1)):

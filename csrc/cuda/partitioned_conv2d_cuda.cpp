@@ -93,7 +93,7 @@ at::Tensor partitioned_conv2d_input_grad_cuda(
 }  // namespace
 
 // The forward ops are the "aten" ones under the cudnn backend's names: their registered autograd formulas
-// (dfs_kernels/backends/cuda.py) are what route the backward to the kernels above.
+// (dfs_kernels/ops/partitioned_conv2d.py) are what route the backward to the kernels above.
 TORCH_LIBRARY_IMPL(dfs_kernels, CUDA, m) {
   m.impl("cudnn_partitioned_conv2d", TORCH_FN(partitioned_conv2d));
   m.impl("cudnn_partitioned_conv2d_with_exit_pool", TORCH_FN(partitioned_conv2d_with_exit_pool));

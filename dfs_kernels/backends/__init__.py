@@ -1,10 +1,11 @@
 """Backend registry: which implementations of the DFS ops exist, which can run on a device, and
 what ``backend="auto"`` picks.
 
-A backend is an object with five methods taking validated arguments (``dfs_kernels.functional``):
+A backend is an object with six methods taking validated arguments (``dfs_kernels.functional``):
 ``partitioned_conv2d(input, weight, bias, stride, padding, dilation, groups, shared_channels)``,
-``partitioned_conv2d_with_exit_pool(...)`` (the same arguments), ``reroute(x, shared_channels)``,
-``exit_reference(x, shared_channels)`` and ``exit_avg_pool(x, shared_channels)``, and a ``name``.
+``partitioned_conv2d_with_exit_pool(...)`` (the same arguments),
+``partitioned_linear(input, weight, bias, shared_features)``, ``reroute(x, shared_channels, dim)``,
+``exit_reference(x, shared_channels, dim)`` and ``exit_avg_pool(x, shared_channels, dim)``, and a ``name``.
 
 Backends:
 - ``"reference"``: the literal eager oracle (``dfs_kernels.reference``), always available.

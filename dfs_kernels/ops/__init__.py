@@ -18,7 +18,9 @@ calls the functional layer makes.
 Every op is differentiable to any order. The first backward runs the backend's kernels; a backward
 that is itself recorded (``create_graph=True``) is built from differentiable ATen ops with the same
 values (``_composite``), so double backward, gradient penalties and Hessian-vector products see the
-DFS gradients, never a silent zero.
+DFS gradients, never a silent zero. Forward-mode AD and ``torch.func`` transforms are not supported
+by registered ops (torch has no such formulas for custom ops): ``dfs_kernels.functional`` computes
+with ``dfs_kernels.reference`` under them, never calling these ops there (docs/semantics.md).
 """
 
 from __future__ import annotations

@@ -54,12 +54,9 @@ def conv_grads(grad_output, grad_pooled, input, weight, bias_sizes, stride, padd
             [needs_input, needs_weight, needs_bias],
         )
     grad_input = None
-    if needs_input:
+    if needs_input:  # at least one of the two is given (the caller returns early when neither output was used)
         exit_grad = None if grad_pooled is None else exit_avg_pool_backward(grad_pooled, input.shape, shared_channels)
-        if conv_input_grad is None and exit_grad is None:
-            grad_input = torch.zeros_like(input)
-        else:
-            grad_input = merge_channels(conv_input_grad, exit_grad, shared_channels)
+        grad_input = merge_channels(conv_input_grad, exit_grad, shared_channels)
     return grad_input, grad_weight, grad_bias
 
 

@@ -7,6 +7,9 @@
 - ``{prefix}partitioned_conv2d_input_grad(grad_output, input, weight, stride, padding, dilation, groups,
   shared_channels, grad_pooled=None)``: the input gradient of channels [0, Cp) only, with channels
   [Cp, C) zero or, in a stage, the exit's pooled gradient spread over H, W: one tensor, one pass.
+- ``triton_conv2d_weight_grad(grad_output, input, weight, stride, padding, dilation, groups, bias_grad)``
+  (Triton only, the one backend with a weight-gradient kernel of its own): ``(dL/dW, dL/db)``. It has no
+  derivative of its own (differentiating it raises an error saying what to differentiate instead).
 
 Backward (one formula for every backend): the weight and bias gradients in full (ATen's, that is
 oneDNN / cuDNN; Triton's own kernel for ``triton_``) and the input gradient by the backend's
@@ -27,6 +30,7 @@ from . import _composite, _flops
 FORWARD = "partitioned_conv2d"
 STAGE = "partitioned_conv2d_with_exit_pool"
 INPUT_GRAD = "partitioned_conv2d_input_grad"
+WEIGHT_GRAD = "conv2d_weight_grad"  # only for the prefixes in _WEIGHT_AND_BIAS_GRADS
 
 # Backends whose kernels give their outputs the input's layout; ATen's convolution chooses its own
 # (it also looks at the weight), which its fake reproduces.
@@ -55,6 +59,10 @@ def _stage_fake(follows_input, input, weight, bias, stride, padding, dilation, g
 def _input_grad_fake(grad_output, input, weight, stride, padding, dilation, groups, shared_channels,
                      grad_pooled=None):
     return torch.empty_like(input, memory_format=suggest_memory_format(input))
+
+
+def _weight_grad_fake(grad_output, input, weight, stride, padding, dilation, groups, bias_grad):
+    return torch.empty_like(weight), weight.new_empty((weight.shape[0],) if bias_grad else (0,))
 
 
 # --- autograd ------------------------------------------------------------------------------------
@@ -136,11 +144,21 @@ def _input_grad_setup_context(ctx, inputs, output) -> None:
 def _input_grad_backward(ctx, grad):
     grad_output, weight = ctx.saved_tensors
     needs_grad_output, _, needs_weight = ctx.needs_input_grad[:3]
+    # The dispatcher drops an argument equal to its default: without grad_pooled there are 8 inputs.
+    needs_grad_pooled = len(ctx.needs_input_grad) > 8 and ctx.needs_input_grad[8]
     grad_grad_output, grad_weight, grad_grad_pooled = _composite.input_grad_adjoint(
         grad, grad_output, weight, *ctx.conv_args, ctx.shared_channels,
-        needs_grad_output, needs_weight, ctx.needs_input_grad[8],
+        needs_grad_output, needs_weight, needs_grad_pooled,
     )
-    return grad_grad_output, None, grad_weight, None, None, None, None, None, grad_grad_pooled
+    grads = (grad_grad_output, None, grad_weight, None, None, None, None, None, grad_grad_pooled)
+    return grads[:len(ctx.needs_input_grad)]
+
+
+def _weight_grad_backward(conv_prefix, ctx, *grads):
+    raise NotImplementedError(
+        f"dfs_kernels::{conv_prefix}{WEIGHT_GRAD} has no derivative of its own: differentiate "
+        f"dfs_kernels::{conv_prefix}{FORWARD}, whose recorded backward (create_graph=True) is differentiable"
+    )
 
 
 # --- registration --------------------------------------------------------------------------------
@@ -148,8 +166,8 @@ def _input_grad_backward(ctx, grad):
 
 def register(conv_prefix: str, glue_prefix: str) -> None:
     """Fakes, autograd and FLOP formulas of ``dfs_kernels::{conv_prefix}partitioned_conv2d`` and its
-    stage and input-gradient ops; a stage whose convolution output is unused takes the exit's gradient
-    from ``{glue_prefix}exit_avg_pool_backward``."""
+    stage and input-gradient ops (and of its weight-gradient op, for a backend that has one); a stage
+    whose convolution output is unused takes the exit's gradient from ``{glue_prefix}exit_avg_pool_backward``."""
     follows_input = conv_prefix in _OUTPUT_FOLLOWS_INPUT
     names = {name: f"dfs_kernels::{conv_prefix}{name}" for name in (FORWARD, STAGE, INPUT_GRAD)}
     torch.library.register_fake(names[FORWARD], functools.partial(_conv_fake, follows_input))
@@ -162,6 +180,10 @@ def register(conv_prefix: str, glue_prefix: str) -> None:
         names[STAGE], functools.partial(_stage_backward, conv_prefix, glue_prefix), setup_context=_setup_context
     )
     torch.library.register_autograd(names[INPUT_GRAD], _input_grad_backward, setup_context=_input_grad_setup_context)
+    if conv_prefix in _WEIGHT_AND_BIAS_GRADS:
+        weight_grad = f"dfs_kernels::{conv_prefix}{WEIGHT_GRAD}"
+        torch.library.register_fake(weight_grad, _weight_grad_fake)
+        torch.library.register_autograd(weight_grad, functools.partial(_weight_grad_backward, conv_prefix))
     _flops.register_conv_flops(
         forward=[_op(conv_prefix, FORWARD), _op(conv_prefix, STAGE)], input_grad=[_op(conv_prefix, INPUT_GRAD)]
     )

@@ -191,18 +191,3 @@ def triton_conv2d_weight_grad(
     return conv2d_weight_grad(
         grad_output, input, weight, stride, padding, dilation, groups, bias_grad, _common.allow_tf32()
     )
-
-
-@triton_conv2d_weight_grad.register_fake
-def _fake(grad_output, input, weight, stride, padding, dilation, groups, bias_grad):
-    return torch.empty_like(weight), weight.new_empty((weight.shape[0],) if bias_grad else (0,))
-
-
-def _no_derivative(ctx, *grads):
-    raise NotImplementedError(
-        "dfs_kernels::triton_conv2d_weight_grad has no derivative of its own: differentiate "
-        "dfs_kernels::triton_partitioned_conv2d, whose recorded backward (create_graph=True) is differentiable"
-    )
-
-
-triton_conv2d_weight_grad.register_autograd(_no_derivative)
