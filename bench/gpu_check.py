@@ -80,7 +80,12 @@ def drive(args: argparse.Namespace) -> int:
         phase, _, seconds = item.partition("=")
         if phase not in PHASES:
             raise SystemExit(f"--limit: phase must be one of {PHASES}, got {phase!r}")
-        limits[phase] = float(seconds)
+        try:
+            limits[phase] = float(seconds)
+        except ValueError:
+            raise SystemExit(f"--limit {item}: the seconds must be a number, got {seconds!r}") from None
+        if not limits[phase] >= 0:
+            raise SystemExit(f"--limit {item}: the seconds must be >= 0, got {seconds!r}")
     result = {
         "tool": "bench/gpu_check.py", "dry_run": args.dry_run,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "deadline_s": args.deadline,
@@ -91,7 +96,9 @@ def drive(args: argparse.Namespace) -> int:
         left = args.deadline - (time.monotonic() - started)
         limit = min(limits[phase], left)
         if limit < 5:
-            result["phases"][phase] = {"status": "skipped", "reason": "no time left before the deadline"}
+            reason = (f"its limit ({limits[phase]:g} s) is under 5 s" if limits[phase] < 5
+                      else "no time left before the deadline")
+            result["phases"][phase] = {"status": "skipped", "reason": reason}
         else:
             result["phases"][phase] = run_subprocess_phase(args, phase, limit)
         entry = result["phases"][phase]

@@ -105,8 +105,36 @@ def test_configure_says_what_is_missing_where_cuda_is_required(tmp_path):
          f"-DPython3_EXECUTABLE={sys.executable}"],
         env=env, capture_output=True, text=True, timeout=600,
     )
-    missing = "nvcc was not found" if torch.version.cuda else "is not a CUDA build"
+    # The whole reason, with its hint (the reason is passed to CMake's message in pieces).
+    missing = ("nvcc was not found (put the CUDA toolkit's bin/ on PATH or set CUDACXX=/path/to/nvcc)"
+               if torch.version.cuda else "is not a CUDA build (no lib/libc10_cuda.so)")
     assert result.returncode != 0, result.stdout
     # CMake wraps long messages at a width that depends on the paths in them: compare with spaces collapsed.
     message = " ".join(result.stderr.split())
     assert "DFS_KERNELS_REQUIRE_CUDA is set but" in message and missing in message, result.stderr
+
+
+@pytest.mark.slow
+def test_configure_says_cudnn_is_missing_where_cuda_is_required(tmp_path):
+    """With a CUDA torch and nvcc but no cuDNN (the nvidia-cudnn wheel hidden from configure's Python,
+    none in the toolkit or CUDNN_ROOT), DFS_KERNELS_REQUIRE_CUDA=1 stops at configure and names cuDNN."""
+    cmake, nvcc = shutil.which("cmake"), shutil.which("nvcc")
+    if cmake is None or nvcc is None or not torch.version.cuda:
+        pytest.skip("needs cmake, nvcc and a CUDA build of torch")
+    # A regular package named nvidia on PYTHONPATH shadows the namespace package of the nvidia wheels.
+    (tmp_path / "shadow" / "nvidia").mkdir(parents=True)
+    (tmp_path / "shadow" / "nvidia" / "__init__.py").write_text("")
+    env = {key: value for key, value in os.environ.items() if key != "CUDNN_ROOT"}
+    env.update(DFS_KERNELS_REQUIRE_CUDA="1", DFS_KERNELS_CUDA_ARCHS="90", PYTHONPATH=str(tmp_path / "shadow"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [cmake, "-S", root, "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+         f"-DPython3_EXECUTABLE={sys.executable}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode == 0 and "cudnn backend ON" in result.stdout:
+        pytest.skip("cuDNN is installed outside the nvidia-cudnn wheel (toolkit or system paths)")
+    message = " ".join(result.stderr.split())
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert ("DFS_KERNELS_REQUIRE_CUDA is set but cuDNN was not found (no include/cudnn.h and lib/libcudnn.so* "
+            "in the nvidia-cudnn wheel, CUDNN_ROOT or the CUDA toolkit)") in message, result.stderr[-3000:]

@@ -86,3 +86,16 @@ def test_a_phase_over_its_limit_is_reported_and_the_run_goes_on(tmp_path):
     assert phases["correctness"]["seconds"] < 30
     assert isinstance(phases["correctness"]["checks"], list)  # what it saved before it was stopped
     assert phases["kernels"]["status"] == phases["train_step"]["status"] == "skipped"
+    assert phases["kernels"]["reason"] == "its limit (0 s) is under 5 s"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("kernels=fast", "--limit kernels=fast: the seconds must be a number, got 'fast'"),
+    ("kernels=-1", "--limit kernels=-1: the seconds must be >= 0, got '-1'"),
+    ("bench=10", "--limit: phase must be one of"),
+])
+def test_a_bad_limit_is_refused_naming_the_option(tmp_path, option, message):
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--dry-run", "--limit", option],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "gpu_check.json").exists()  # refused before any phase ran

@@ -36,6 +36,14 @@ def cuda_triton_or_skip():
         pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def triton_ops_registered():
+    """Tests that call ``torch.ops.dfs_kernels.triton_*`` directly need the backend imported, which
+    otherwise happens only when some earlier test first asked for it."""
+    if TRITON_CPU_REASON is None:
+        dfs_kernels.backends.implementation("triton", "cpu")
+
+
 CONVS = LEAN_CONV_GRID
 shared_channel_counts = boundary_shared_counts
 

@@ -11,13 +11,15 @@ launcher specializes them to, as for NCHW / NHWC tensors at run time.
     python tests/triton_compile_check.py --pipelining   # every configuration of the GEMM kernels:
                                                         # no register spills, loads software-pipelined
 
-``--pipelining`` compiles each default configuration of the forward, input-gradient and
-weight-gradient kernels (bfloat16 channels-last, as in training; the input gradient also in float32
+``--pipelining`` compiles each default configuration of the forward (plain and with the fused exit
+pooling, whose K loop holds a branch), input-gradient (convolution and linear) and weight-gradient
+kernels (bfloat16 channels-last, as in training; the convolution's input gradient also in float32
 NCHW on TF32) and checks what the compiler did: ptxas reports no spilled registers, the K loop's loads
-became asynchronous copies into multi-buffered shared memory (Triton's software pipeliner), and the
-input gradient's tiles in flight grow with ``num_stages`` (a loop the pipeliner skips keeps plain
-loads whatever ``num_stages`` says). bfloat16 NCHW is left out: its loads gather 2-byte elements
-along pixels, too narrow for an asynchronous copy, so no kernel pipelines there. So is IEEE float32,
+became asynchronous copies into multi-buffered shared memory (Triton's software pipeliner), and, for
+the kernels with a branch around or inside their K loop, the tiles in flight grow with
+``num_stages`` (a loop the pipeliner skips keeps plain loads whatever ``num_stages`` says).
+bfloat16 NCHW is left out: its loads gather 2-byte elements along pixels, too narrow for an
+asynchronous copy, so no kernel pipelines there. So is IEEE float32,
 whose dot runs on CUDA cores with both operand tiles in registers: the largest tiles spill a little
 there, a price for the exact mode only.
 
@@ -35,6 +37,8 @@ import time
 
 
 def _jobs(all_configs: bool, archs: list[int]):
+    import torch
+
     from dfs_kernels.backends.triton import (
         conv_forward,
         conv_input_grad,
@@ -63,7 +67,7 @@ def _jobs(all_configs: bool, archs: list[int]):
                            dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, pool_ptr="fp32"),
                            dict(meta, KH=3, KW=3, HAS_BIAS=True, POOL=pool, DOT_PRECISION=precision, **unit),
                            (), warps, stages)
-            for meta, warps, stages in pick(conv_input_grad._GPU_CONFIGS):
+            for meta, warps, stages in pick(conv_input_grad.gpu_configs(getattr(torch, _TORCH_DTYPES[dtype]))):
                 for fill, unit in [
                     (False, dict(sdyw=1, sdxw=1, sww=1, DY_PIXELS_CONTIGUOUS=True, DX_PIXELS_CONTIGUOUS=True)),
                     (True, dict(sdyc=1, sdxc=1, sgc=1, swc=1, DY_PIXELS_CONTIGUOUS=False, DX_PIXELS_CONTIGUOUS=False)),
@@ -103,38 +107,53 @@ _CHANNELS_LAST = {
                          W_CHANNELS_CONTIGUOUS=True),
     "conv_input_grad": dict(sdyc=1, sdxc=1, sgc=1, swc=1, DY_PIXELS_CONTIGUOUS=False, DX_PIXELS_CONTIGUOUS=False),
     "conv_weight_grad": dict(sdyc=1, sxc=1, sdww=1, DY_CHANNELS_CONTIGUOUS=True, X_PIXELS_CONTIGUOUS=False),
+    "linear_input_grad": dict(sdyk=1, swn=1, sdxn=1),  # row-major [rows, features] tensors
 }
-# NCHW float32: the plain input gradient (the fused stage's fill spills a few registers there).
-_NCHW = {"conv_input_grad": dict(sdyw=1, sdxw=1, sww=1, DY_PIXELS_CONTIGUOUS=True, DX_PIXELS_CONTIGUOUS=True,
-                                 FILL_POOLED=False)}
+_NCHW = {"conv_input_grad": dict(sdyw=1, sdxw=1, sww=1, DY_PIXELS_CONTIGUOUS=True, DX_PIXELS_CONTIGUOUS=True)}
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _pipelining_jobs(arch: int):
     """(name, kernel, pointers, constants, floats, warps, stages) of every default configuration of
     the GEMM kernels in the layouts whose loads can be pipelined."""
-    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad
+    import torch
 
+    from dfs_kernels.backends.triton import conv_forward, conv_input_grad, conv_weight_grad, linear_input_grad
+
+    # name: (kernel, pointers ("bf16": the operands' type), floats, the configurations for a dtype,
+    #        [(operand dtype, constants)]); bfloat16 channels-last unless said otherwise.
+    forward = dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16", pool_ptr="fp32")
+    conv = dict(KH=3, KW=3, DOT_PRECISION="tf32")
     kernels = {
-        "conv_forward": (conv_forward, conv_forward._conv_forward_kernel,
-                         dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16", pool_ptr="fp32"),
-                         dict(HAS_BIAS=True, POOL=False), ()),
-        # With the exit's gradient as fill (the fused DFS stage), which adds to what is live.
-        "conv_input_grad": (conv_input_grad, conv_input_grad._conv_input_grad_kernel,
-                            dict(dy_ptr="bf16", w_ptr="bf16", gp_ptr="bf16", dx_ptr="bf16"),
-                            dict(FILL_POOLED=True), ("inv_hw",)),
-        "conv_weight_grad": (conv_weight_grad, conv_weight_grad._conv_weight_grad_kernel,
-                             dict(dy_ptr="bf16", x_ptr="bf16", dw_ptr="fp32", db_ptr="fp32"),
-                             dict(HAS_BIAS=True), ()),
+        "conv_forward": (conv_forward._conv_forward_kernel, forward, (), lambda dtype: conv_forward._GPU_CONFIGS,
+                         [("bf16", dict(conv, HAS_BIAS=True, POOL=False, **_CHANNELS_LAST["conv_forward"]))]),
+        # The fused DFS stage's forward: the exit's sums are taken inside the K loop, under a branch.
+        "conv_forward_pooled": (conv_forward._conv_forward_kernel, forward, (),
+                                lambda dtype: conv_forward._GPU_CONFIGS,
+                                [("bf16", dict(conv, HAS_BIAS=True, POOL=True, **_CHANNELS_LAST["conv_forward"]))]),
+        # Plain, and with the exit's gradient as fill (the fused DFS stage), which adds to what is live;
+        # float32 (TF32) NCHW plain too (the fused stage's fill spills a few registers there).
+        "conv_input_grad": (conv_input_grad._conv_input_grad_kernel,
+                            dict(dy_ptr="bf16", w_ptr="bf16", gp_ptr="bf16", dx_ptr="bf16"), ("inv_hw",),
+                            conv_input_grad.gpu_configs,
+                            [("bf16", dict(conv, FILL_POOLED=False, **_CHANNELS_LAST["conv_input_grad"])),
+                             ("bf16", dict(conv, FILL_POOLED=True, **_CHANNELS_LAST["conv_input_grad"])),
+                             ("fp32", dict(conv, FILL_POOLED=False, **_NCHW["conv_input_grad"]))]),
+        "conv_weight_grad": (conv_weight_grad._conv_weight_grad_kernel,
+                             dict(dy_ptr="bf16", x_ptr="bf16", dw_ptr="fp32", db_ptr="fp32"), (),
+                             lambda dtype: conv_weight_grad._GPU_CONFIGS,
+                             [("bf16", dict(conv, HAS_BIAS=True, **_CHANNELS_LAST["conv_weight_grad"]))]),
+        # The shared-only input gradient of the linear layer: its K loop runs under a branch.
+        "linear_input_grad": (linear_input_grad._linear_input_grad_kernel,
+                              dict(dy_ptr="bf16", w_ptr="bf16", dx_ptr="bf16"), (),
+                              lambda dtype: linear_input_grad._GPU_CONFIGS,
+                              [("bf16", dict(DOT_PRECISION="tf32", **_CHANNELS_LAST["linear_input_grad"]))]),
     }
-    for name, (module, fn, pointers, variant, floats) in kernels.items():
-        layouts = [("bf16", "tf32", _CHANNELS_LAST[name])]
-        if name in _NCHW:
-            layouts.append(("fp32", "tf32", _NCHW[name]))
-        for dtype, precision, unit in layouts:
+    for name, (fn, pointers, floats, gpu_configs, variants) in kernels.items():
+        for dtype, variant in variants:
             typed = {arg: dtype if kind == "bf16" else kind for arg, kind in pointers.items()}
-            for meta, warps, stages in module._GPU_CONFIGS:
-                constants = dict(meta, KH=3, KW=3, DOT_PRECISION=precision, **{**variant, **unit})
-                yield name, fn, typed, constants, floats, warps, stages
+            for meta, warps, stages in gpu_configs(getattr(torch, _TORCH_DTYPES[dtype])):
+                yield name, fn, typed, dict(meta, **variant), floats, warps, stages
 
 
 def _compile(fn, pointers, constants, floats, arch: int, warps: int, stages: int):
@@ -196,6 +215,10 @@ def pipeline_depth(kernel) -> int:
     return max((int(depth) for depth in depths), default=0)
 
 
+# The kernels whose K loop sits under or holds a branch: the pipeliner skipping the loop is the risk there.
+_BRANCHED = ("conv_input_grad", "conv_forward_pooled", "linear_input_grad")
+
+
 def check_pipelining(archs: list[int]) -> int:
     count = 0
     for arch in archs:
@@ -203,7 +226,8 @@ def check_pipelining(archs: list[int]) -> int:
             kernel, report = compile_with_ptxas_report(fn, pointers, constants, floats, arch, warps, stages)
             depth = pipeline_depth(kernel)
             tile = "x".join(str(constants[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            line = (f"sm_{arch} {name:17s} {pointers[next(iter(pointers))]:4s} {tile:10s} warps={warps} "
+            fill = " fill" if constants.get("FILL_POOLED") else ""
+            line = (f"sm_{arch} {name + fill:24s} {pointers[next(iter(pointers))]:4s} {tile:10s} warps={warps} "
                     f"stages={stages} shared={kernel.metadata.shared:6d} depth={depth}")
             problems = []
             spills = spilled_bytes(report)
@@ -211,7 +235,7 @@ def check_pipelining(archs: list[int]) -> int:
                 problems.append(f"{spills} bytes of spilled registers")
             if async_copies(kernel) == 0 or depth < 2:
                 problems.append("no multi-buffered asynchronous copies: the K loop is not pipelined")
-            if name == "conv_input_grad":
+            if name in _BRANCHED:
                 # One stage less must mean fewer tiles in flight. (Shared memory in bytes need not
                 # shrink: the epilogue's layout conversion reuses it and can be the larger use.)
                 shallower = _compile(fn, pointers, constants, floats, arch, warps, stages - 1)

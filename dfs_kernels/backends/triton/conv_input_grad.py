@@ -30,8 +30,16 @@ from torch.library import triton_op, wrap_triton
 from . import _common
 from ._common import grouped_tile, load_tile, store_tile
 
-# The same implicit-GEMM shape family as the forward (pixels x channels x taps * channels).
-_GPU_CONFIGS = _common.IMPLICIT_GEMM_GPU_CONFIGS
+# The same implicit-GEMM shape family as the forward (pixels x channels x taps * channels), but the
+# narrowest tile on 4 warps: on 2, triton 3.6 spills registers in the plain bfloat16 channels-last
+# gradient (and pipelines 3 tiles deep, not 4). tests/triton_compile_check.py --pipelining checks these.
+_GPU_CONFIGS = [
+    (meta, 4, stages) if (meta["BLOCK_M"], meta["BLOCK_N"], warps) == (64, 32, 2) else (meta, warps, stages)
+    for meta, warps, stages in _common.IMPLICIT_GEMM_GPU_CONFIGS
+]
+# 4-byte operands (TF32 or IEEE float32): K tiles of 32 only. Those of 64 take 144-192 KiB of shared
+# memory at 3 stages (one program per SM, and more than an A100 has) and spill registers on triton 3.6.
+_GPU_CONFIGS_4_BYTES = [config for config in _GPU_CONFIGS if config[0]["BLOCK_K"] == 32]
 _INTERPRETER_CONFIG = _common.IMPLICIT_GEMM_INTERPRETER_CONFIG
 # The tuning key: what changes the best tile, layouts and precision included (triton adds dtypes).
 _KEY = ["N", "H", "W", "H_out", "W_out", "CIN_G", "COUT_G", "CP", "SH", "SW", "KH", "KW",
@@ -164,6 +172,14 @@ def _conv_input_grad_kernel(
 
 
 _conv_input_grad = triton.autotune(configs=_common.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=_KEY)(_conv_input_grad_kernel)
+_conv_input_grad_4_bytes = triton.autotune(
+    configs=_common.configs(_GPU_CONFIGS_4_BYTES, _INTERPRETER_CONFIG), key=_KEY
+)(_conv_input_grad_kernel)
+
+
+def gpu_configs(dtype: torch.dtype) -> list[tuple[dict, int, int]]:
+    """The (meta-parameters, num_warps, num_stages) autotuned on a GPU for operands of ``dtype``."""
+    return _GPU_CONFIGS_4_BYTES if dtype.itemsize >= 4 else _GPU_CONFIGS
 
 
 def conv2d_input_grad(
@@ -196,7 +212,8 @@ def conv2d_input_grad(
         )
 
     gp = grad_pooled if grad_pooled is not None else grad_output
-    wrap_triton(_conv_input_grad)[grid](
+    kernel = _conv_input_grad_4_bytes if grad_output.dtype.itemsize >= 4 else _conv_input_grad
+    wrap_triton(kernel)[grid](
         grad_output, weight, gp, grad_input,
         n, h, w, h_out, w_out, cin_g, c_out // groups, shared_channels,
         h_phase, w_phase, 1.0 / (h * w),
