@@ -69,6 +69,28 @@ def test_aten_input_grad_writes_the_shared_slice_in_place():
     assert torch.equal(grad[..., 4:], torch.zeros(4, 6, 5))
 
 
+@requires_aten
+def test_backward_copies_a_non_contiguous_grad_output_once():
+    """Q/K/V's output gradient arrives non-contiguous (attention's head transposes). The weight-gradient
+    and input-gradient GEMMs share one [M, out] copy of it, as nn.Linear's backward does: one copy, not two."""
+    x, w, b = (torch.randn(*shape).requires_grad_() for shape in ((2, 6, 8), (12, 8), (12,)))
+    grad = torch.randn(2, 12, 6).transpose(1, 2)  # [2, 6, 12], rows not flattenable: reshape copies
+    assert not grad.is_contiguous()
+    out = functional.partitioned_linear(x, w, b, shared_features=4, backend="aten")
+    with torch.profiler.profile() as profile:
+        out.backward(grad)
+    names = [event.name for event in profile.events()]
+    assert names.count("aten::copy_") == 1, names
+    plain = [leaf.detach().clone().requires_grad_() for leaf in (x, w, b)]
+    plain_out = F.linear(*plain)
+    with torch.profiler.profile() as profile:
+        plain_out.backward(grad)
+    assert [event.name for event in profile.events()].count("aten::copy_") == 1  # nn.Linear's: the same one
+    expected = torch.autograd.grad(reference.partitioned_linear(*plain, 4), plain, grad)
+    for actual, wanted in zip((x.grad, w.grad, b.grad), expected):
+        torch.testing.assert_close(actual, wanted)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable (set TRITON_INTERPRET=1 on CPU)")
 @DTYPES
 @pytest.mark.parametrize("cp", [16, 20, 33, 0, 40])

@@ -9,6 +9,7 @@ import torch
 from dfs_kernels import models
 from dfs_kernels.models import EncoderConfig, MultiExitEncoder, MultiExitViT, ViTConfig, hf_bert
 from dfs_kernels.models._common import ReferencePartitionedLinear
+from dfs_kernels.models.bert import BERT_SMALL
 from dfs_kernels import PartitionedLinear
 from dfs_kernels.training import build_strategy
 from dfs_kernels.training.data import load_digits
@@ -52,6 +53,42 @@ def test_flavours_share_the_state_dict_and_the_outputs(variant):
     for flavour in ("dfs_eager", "dfs"):
         for actual, wanted in zip(built[flavour].eval()(x), expected):
             torch.testing.assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("name", models.TOKEN_MODELS)
+def test_token_presets_share_the_state_dict_and_the_outputs(name):
+    """The registered token-id encoders (bert_small at BERT-base width too) build in every flavour from one
+    state_dict, partition Q/K/V of the layers after the first, and give equal outputs (one short sequence,
+    to keep the 768-wide preset fast)."""
+    torch.manual_seed(0)
+    built = {flavour: models.build_model(name, flavour=flavour) for flavour in models.FLAVOURS}
+    state = built["dsn"].state_dict()
+    for model in built.values():
+        model.load_state_dict(state)  # strict: same parameter names in every flavour
+        model.eval()
+    config = built["dsn"].config
+    assert built["dsn"].example_input(2).shape == (2, config.sequence_length)
+    partitioned = sorted(layer for layer, module in built["dfs"].named_modules()
+                         if isinstance(module, PartitionedLinear))
+    assert partitioned == [f"layers.{i}.{p}" for i in range(1, config.num_hidden_layers)
+                           for p in ("key", "query", "value")]
+    assert all(module.shared_features == config.hidden_size // 2 for module in built["dfs"].modules()
+               if isinstance(module, PartitionedLinear))
+    x = torch.randint(config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = built["dsn"](x)
+        assert len(expected) == config.num_hidden_layers and expected[0].shape == (1, 2)
+        for flavour in ("dfs_eager", "dfs"):
+            for actual, wanted in zip(built[flavour](x), expected):
+                torch.testing.assert_close(actual, wanted)
+
+
+def test_bert_small_is_bert_base_wide():
+    """A preset where the GEMMs dominate the step (bench/train_step.py measures DFS's saving on it)."""
+    assert "bert_small" in models.TOKEN_MODELS  # the trainer feeds it token ids
+    config = BERT_SMALL
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (768, 12, 3072)
+    assert (config.num_hidden_layers, config.sequence_length, config.vocab_size) == (4, 128, 1000)
 
 
 def _gradients(model, x, weights):

@@ -45,7 +45,10 @@ void gather_channels_cpu(const ChannelAssembly& plan) {
   if (plan.output.numel() == 0) {
     return;
   }
-  if (!plan.channels_last) {
+  // With one spatial position (tokens [N, T, D] read as [N * T, D, 1, 1], or pooled maps) both layouts
+  // are the same memory, and the NHWC loop copies each row's segments as whole runs, where the NCHW
+  // loop would copy one element per row (several times slower than an add).
+  if (!plan.channels_last && spatial != 1) {
     // NCHW: row (n, c) is `spatial` contiguous output elements, all from one segment.
     const int64_t row_bytes = spatial * element_size;
     at::parallel_for(0, plan.batch * channels, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
@@ -65,7 +68,7 @@ void gather_channels_cpu(const ChannelAssembly& plan) {
     });
     return;
   }
-  // NHWC: row (n, s) is `channels` contiguous output elements, one run per segment.
+  // NHWC (or spatial 1): row (n, s) is `channels` contiguous output elements, one run per segment.
   const int64_t row_bytes = channels * element_size;
   at::parallel_for(0, plan.batch * spatial, grain_for(row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {

@@ -17,7 +17,7 @@ no adaptation layers.
 from __future__ import annotations
 
 from ._common import EXIT_GRADS, FLAVOURS, MultiExitNetwork
-from .bert import EncoderConfig, MultiExitEncoder, bert_tiny, bert_tiny_digits
+from .bert import EncoderConfig, MultiExitEncoder, bert_small, bert_tiny, bert_tiny_digits
 from .blockwise import Blockwise, blockwise_view
 from .hf_bert import from_hf_bert
 from .msdnet import MSDNet, msdnet
@@ -50,12 +50,14 @@ MODELS = {
     "vit_tiny_digits_gemm_input": _vit_tiny_digits_gemm_input,
     "bert_tiny": bert_tiny,
     "bert_tiny_digits": bert_tiny_digits,
+    "bert_small": bert_small,
 }
 """Registry of ``build_model`` names: "msdnet" is the CIFAR-100 MSDNet; "vit_tiny" is the official DFS
 placement and "vit_tiny_gemm_input" the GEMM-input one, "vit_tiny_digits" (and its "_gemm_input") the same
 with patch 8 for quick digits runs; "bert_tiny" reads token ids and "bert_tiny_digits" images as 8 row tokens
-of 8 features."""
-TOKEN_MODELS = ("bert_tiny",)
+of 8 features; "bert_small" reads token ids at BERT-base width (hidden 768, intermediate 3072), where the
+GEMMs dominate the step."""
+TOKEN_MODELS = ("bert_tiny", "bert_small")
 """Registry names of the models that read token ids [N, T] (the others read images)."""
 MODEL_ALIASES = {"vgg7_64": "vgg7", "vgg16_64": "vgg16"}
 """Factory names accepted for the registry name they build."""
@@ -92,6 +94,7 @@ __all__ = [
     "MultiExitVGG",
     "MultiExitViT",
     "ViTConfig",
+    "bert_small",
     "bert_tiny",
     "bert_tiny_digits",
     "blockwise_view",

@@ -213,6 +213,8 @@ class MultiExitEncoder(MultiExitNetwork):
 BERT_TINY = EncoderConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
 BERT_TINY_DIGITS = EncoderConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
                                  input_features=8, sequence_length=8)
+BERT_SMALL = EncoderConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                           max_position_embeddings=512, sequence_length=128)
 
 
 def bert_tiny(num_classes: int = 2, *, flavour: str = "dfs", beta: float = 0.5, backend: str = "auto",
@@ -227,3 +229,10 @@ def bert_tiny_digits(num_classes: int = 10, *, flavour: str = "dfs", beta: float
     """An encoder for images at 8x8 (digits; larger images are average-pooled to 8x8): 8 row tokens of 8
     features, hidden 64, 4 layers of 4 heads, intermediate 256; 4 exits."""
     return MultiExitEncoder(BERT_TINY_DIGITS, num_classes, flavour=flavour, beta=beta, backend=backend)
+
+
+def bert_small(num_classes: int = 2, *, flavour: str = "dfs", beta: float = 0.5, backend: str = "auto",
+               ) -> MultiExitEncoder:
+    """An encoder on token ids at BERT-base width, where the GEMMs dominate the step: vocabulary 1000,
+    128 tokens (512 positions), hidden 768, 4 layers of 12 heads, intermediate 3072; 4 exits."""
+    return MultiExitEncoder(BERT_SMALL, num_classes, flavour=flavour, beta=beta, backend=backend)

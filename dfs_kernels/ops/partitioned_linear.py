@@ -51,8 +51,12 @@ def _backward(prefix, ctx, grad_output):
     needs_bias = ctx.needs_input_grad[2] and ctx.has_bias
     if torch.is_grad_enabled():  # create_graph: a backward that can itself be differentiated
         return (*_composite.linear_grads(grad_output, input, weight, cp, needs_input, needs_weight, needs_bias), None)
-    grad_input = _op(prefix, INPUT_GRAD)(grad_output, input, weight, cp) if needs_input else None
+    # One [M, out] reading of grad_output for both GEMMs: a gradient that arrives non-contiguous (Q/K/V's,
+    # from attention's head transposes) is copied here once, not once per GEMM, and the input-gradient op
+    # gets a view of the same rows (splitting dimension 0 back into the leading sizes is always a view).
     grad_rows = grad_output.reshape(-1, weight.shape[0])
+    grad_output = grad_rows.view(grad_output.shape)
+    grad_input = _op(prefix, INPUT_GRAD)(grad_output, input, weight, cp) if needs_input else None
     grad_weight = grad_rows.t().mm(input.reshape(-1, weight.shape[1])) if needs_weight else None
     grad_bias = grad_rows.sum(0) if needs_bias else None
     return grad_input, grad_weight, grad_bias, None
