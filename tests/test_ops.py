@@ -90,6 +90,23 @@ def test_compile_fullgraph_matches_eager(compile_backend, channels_last):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_compiled_cpu_convolutions_run_channels_last_like_inductors():
+    """Inductor runs a CPU graph's ATen convolutions channels-last; under torch.compile ours get the same
+    layout (an NCHW model's partitioned conv then returns channels-last), with eager's values and gradients."""
+    torch._dynamo.reset()
+    conv = dfs_kernels.PartitionedConv2d(6, 4, 3, padding=1, beta=0.5, backend="aten")
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, conv(x))
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    (expected,) = torch.autograd.grad(conv(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected)
+    assert torch.equal(grad[:, 3:], torch.zeros_like(grad[:, 3:]))
+    assert conv(x).is_contiguous()  # eager keeps the input's layout
+
+
 def test_flop_counter_counts_the_compiled_ops():
     """FlopCounterMode sees the forward as a full convolution and the input gradient as Cp / Cin of one."""
     from torch.utils.flop_counter import FlopCounterMode

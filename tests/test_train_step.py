@@ -109,3 +109,38 @@ def test_linear_without_input_grad_keeps_the_parameter_gradients(train_step):
     assert torch.count_nonzero(x_grad) == 0
     for actual, wanted in zip(parameter_grads, expected):
         torch.testing.assert_close(actual, wanted)
+
+
+def test_layout_defaults_to_channels_last_and_the_run_states_its_settings(train_step, tmp_path, capsys):
+    import torch
+
+    assert train_step.parse_args(["--model", "vgg7"]).channels_last is True
+    assert train_step.parse_args(["--model", "vgg7", "--no-channels-last"]).channels_last is False
+    output = tmp_path / "nchw.json"
+    train_step.main(["--model", "vgg7", "--batch-sizes", "2", "--iterations", "1", "--warmup", "0",
+                     "--no-channels-last", "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert record["config"]["channels_last"] is False
+    assert record["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["device"]["cpu"]
+    printed = capsys.readouterr().out
+    assert "settings: layout NCHW (--no-channels-last)" in printed
+    assert f"{torch.get_num_threads()} threads" in printed and "Recommended on CPU: channels_last" in printed
+
+
+def test_dsn_without_input_grads_keeps_the_weight_gradient_and_zeros_the_input_one(train_step):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    skipped = train_step._without_input_grad(conv)
+    for module in (skipped, torch.compile(skipped, backend="aot_eager", fullgraph=True)):
+        x = torch.randn(2, 3, 5, 5, requires_grad=True)
+        grads = torch.autograd.grad(module(x).square().sum(), (x, conv.weight))
+        x_ref = x.detach().requires_grad_()
+        expected = torch.autograd.grad(conv(x_ref).square().sum(), conv.weight)[0]
+        assert torch.equal(grads[0], torch.zeros_like(x))
+        torch.testing.assert_close(grads[1], expected)
+    # The zeros come from an opaque op, so a compiler cannot fold them into the ops that consume them.
+    assert isinstance(train_step.zeros_like_opaque, torch._library.custom_ops.CustomOpDef)
