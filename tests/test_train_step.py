@@ -144,3 +144,22 @@ def test_dsn_without_input_grads_keeps_the_weight_gradient_and_zeros_the_input_o
         torch.testing.assert_close(grads[1], expected)
     # The zeros come from an opaque op, so a compiler cannot fold them into the ops that consume them.
     assert isinstance(train_step.zeros_like_opaque, torch._library.custom_ops.CustomOpDef)
+
+
+def test_train_step_all_summarizes_a_committed_record():
+    """The matrix driver's row and table come from one train_step record: check them against its figures."""
+    spec = importlib.util.spec_from_file_location("bench_train_step_all", BENCH.with_name("train_step_all.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record_path = BENCH.parent / "results" / "train_step_all_cpu_20261203" / "vgg7_channels_last_eager.json"
+    record = json.loads(record_path.read_text())
+    row = module.row_of("vgg7", "channels_last", "eager", record)
+    run = record["runs"][-1]
+    entry = run["dfs"]["dfs:aten"]
+    assert row["batch"] == run["batch_size"] == 64
+    assert row["r_measured"] == entry["r_measured"] and row["r_ideal"] == entry["r_ideal"]
+    assert row["fps_gain"] == pytest.approx(1 / entry["r_measured"] - 1)
+    table = module.markdown([row, {"model": "msdnet", "layout": "nchw", "mode": "compiled", "error": "boom"}],
+                            {"device": record["device"], "versions": record["versions"]})
+    assert f"| vgg7 | channels_last | eager | 64 | {row['dsn_ms']:.1f} |" in table
+    assert "failed: boom" in table and record["device"]["cpu_capability"] in table
