@@ -363,8 +363,14 @@ def _first_step_float64(tmp_path, name, strategy, *, processes=1, sync_bn=True):
                   deterministic=True, sync_bn=sync_bn)
     launcher = TORCHRUN if processes == 2 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    done = subprocess.run([*launcher, str(script), json.dumps(fields)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=env)
+    for attempt in range(2):
+        done = subprocess.run([*launcher, str(script), json.dumps(fields)], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT, env=env)
+        # Rarely (seen once in a dozen full runs) a torchrun child aborts in torch's C++ runtime as the process
+        # exits ("terminate called without an active exception"), after training. That is a crash of the
+        # launcher's processes, not a result: run once more. Any other failure fails the test.
+        if done.returncode == 0 or attempt or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     state = load_checkpoint(str(out / "last.pt"))
     gradients = [entry["momentum_buffer"] for _, entry in sorted(state["optimizer"]["state"].items())]

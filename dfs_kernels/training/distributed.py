@@ -86,8 +86,10 @@ def setup(device: str | None) -> tuple[Distributed, torch.device]:
 
 
 def teardown() -> None:
-    """Ends the process group that ``setup`` started (nothing without one)."""
+    """Ends the process group that ``setup`` started (nothing without one), once every process has got
+    here: a process that tears its group down while another still talks to it can abort at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
