@@ -18,6 +18,7 @@ from .backends import (
     unavailable_reason,
 )
 from .export import export_decompositions
+from .multi_exit import MultiExitModel, multi_exit
 from .nn import ExitHead, FeatureReroute, PartitionedConv2d, PartitionedLinear, convert, unconvert
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "BackendUnavailableError",
     "ExitHead",
     "FeatureReroute",
+    "MultiExitModel",
     "PartitionedConv2d",
     "PartitionedLinear",
     "available_backends",
@@ -41,6 +43,7 @@ __all__ = [
     "export_decompositions",
     "extension_loaded",
     "functional",
+    "multi_exit",
     "reference",
     "register_flop_formulas",
     "resolve_backend",
