@@ -251,3 +251,18 @@ def as_call(example: object) -> tuple[tuple, dict]:
         return (), dict(example)
     raise TypeError(f"example_input must be a tensor, a tuple of arguments or a dict of keyword arguments, "
                     f"got {type(example).__name__}")
+
+
+def exit_point_readers(model: nn.Module, exits: Sequence[str],
+                       call: tuple[tuple, dict] | None) -> list[tuple[tuple[str, nn.Module], int]]:
+    """``((name, layer), C)`` for every convolution and linear layer that reads one of the ``exits``' outputs
+    directly in a forward of ``call`` (``(args, kwargs)``; None: ``example_input(model)``), C being the channels
+    of the exit point it reads. The exit points must run once each, in order."""
+    exit_modules = find_exit_modules(model, exits)
+    args, kwargs = call if call is not None else example_input(model)
+    recording = record(model, exit_modules, lambda: model(*args, **kwargs), lambda k, y, axis: y,
+                       [None] * len(exit_modules))
+    check_run_order(recording, exit_modules)
+    channels = [point.output.shape[1] if point.output.dim() == 4 else point.output.shape[-1]
+                for point in recording.points]
+    return [(reader, channels[k]) for k, readers in enumerate(recording.readers) for reader in readers]

@@ -27,7 +27,7 @@ from ._exit_points import as_call, check_run_order, find_exit_modules, record, s
 from ._exit_points import example_input as default_example_input
 from ._validation import check_beta, check_shared_channels, shared_channels_for
 from .backends import check_backend_name
-from .nn import PartitionedConv2d, PartitionedLinear, _replace
+from .nn import _replace, partitioned_like
 
 __all__ = ["MultiExitModel", "PooledExitHead", "final_logits", "multi_exit"]
 
@@ -114,6 +114,7 @@ class MultiExitModel(nn.Module):
         self._collecting = False
         self._until: Callable[[int, torch.Tensor], bool] | None = None
         modules = dict(model.named_modules())
+        self._removed = False  # a flag, not the handles: torch.compile cannot read hook handles
         self._handles = [modules[name].register_forward_hook(_ExitHook(self, k)) for k, name in enumerate(exits)]
 
     # --- forward ---------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class MultiExitModel(nn.Module):
         return rebuild(backbone)
 
     def _run(self, args, kwargs) -> tuple[list[torch.Tensor], object]:
-        if not self._handles:
+        if self._removed:
             raise RuntimeError("this MultiExitModel was removed (remove() gave the model back); wrap it again")
         self._collected.clear()
         self._collecting = True
@@ -199,7 +200,7 @@ class MultiExitModel(nn.Module):
         the model exactly as it was given (same modules, same parameters, same state_dict)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._removed = [], True
         _replace(self.model, {key: original for key, (_, original) in self._swapped.items()})
         self._swapped = {}
         return self.model
@@ -335,9 +336,7 @@ def multi_exit(
     if flavour == "dfs":
         for k, readers in enumerate(recording.readers):
             for layer_name, layer in readers:
-                replacement = (PartitionedConv2d.from_conv(layer, shared_channels=cps[k], backend=backend)
-                               if isinstance(layer, nn.Conv2d) else
-                               PartitionedLinear.from_linear(layer, shared_features=cps[k], backend=backend))
+                replacement = partitioned_like(layer, cps[k], backend)
                 swapped[id(replacement)] = (replacement, layer)
                 partitioned[k].append(layer_name)
         _replace(model, {id(original): replacement for replacement, original in swapped.values()})

@@ -1,6 +1,6 @@
 """Modules: ``PartitionedConv2d`` (a drop-in ``nn.Conv2d``), ``PartitionedLinear`` (a drop-in
 ``nn.Linear``), ``ExitHead``, ``FeatureReroute``;
-``convert``, which turns the convolutions of an existing model into partitioned ones, and
+``convert``, which partitions the layers of an existing model that read its exit points, and
 ``unconvert``, its inverse."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional
+from ._exit_points import as_call, exit_point_readers
 from ._validation import (
     check_beta,
     check_channel_axis,
@@ -18,7 +19,8 @@ from ._validation import (
 )
 from .backends import check_backend_name
 
-__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "PartitionedLinear", "convert", "unconvert"]
+__all__ = ["ExitHead", "FeatureReroute", "PartitionedConv2d", "PartitionedLinear", "convert", "partitioned_like",
+           "unconvert"]
 
 
 class _Partition:
@@ -354,22 +356,73 @@ class FeatureReroute(_ChannelPartition, nn.Module):
         return f"channels={self.channels}, shared_channels={self.shared_channels}{dim}, backend={self.backend!r}"
 
 
-def convert(model: nn.Module, *, beta: float = 0.5, skip_first: bool = True, backend: str = "auto") -> nn.Module:
-    """Replaces, in place, every ``nn.Conv2d`` of ``model`` by a ``PartitionedConv2d`` sharing its
-    parameters, with Cp = round(beta * in_channels). Returns ``model`` (or, when ``model`` is itself
-    an ``nn.Conv2d`` converted with ``skip_first=False``, its replacement).
+def partitioned_like(layer: nn.Module, shared: int, backend: str = "auto") -> PartitionedConv2d | PartitionedLinear:
+    """The partitioned counterpart of ``layer`` (an ``nn.Conv2d`` or ``nn.Linear``) sharing its parameters,
+    with ``shared`` (Cp) shared input channels or features."""
+    if isinstance(layer, nn.Conv2d):
+        return PartitionedConv2d.from_conv(layer, shared_channels=shared, backend=backend)
+    return PartitionedLinear.from_linear(layer, shared_features=shared, backend=backend)
 
-    The first convolution in module order (the one that sees the image) stays a plain ``nn.Conv2d``
-    unless ``skip_first=False``: its input has no exit to reference. Only modules whose type is
-    exactly ``nn.Conv2d`` are replaced; subclasses (including PartitionedConv2d) are left alone. A
-    convolution held under several names (or by several parents) becomes one PartitionedConv2d in
-    every place, so its uses still share one module. An uninitialized lazy convolution that would be
-    converted raises ``ValueError``: after its first forward it would be a plain ``nn.Conv2d``.
+
+def convert(
+    model: nn.Module,
+    *,
+    exits: list[str] | None = None,
+    beta: float = 0.5,
+    every_conv: bool = False,
+    skip_first: bool = True,
+    backend: str = "auto",
+    example_input: object = None,
+) -> nn.Module:
+    """Partitions, in place, the layers of ``model`` that read an exit point, sharing their parameters.
+    Returns ``model`` (or, when ``model`` is itself an ``nn.Conv2d`` converted with ``every_conv=True,
+    skip_first=False``, its replacement).
+
+    With ``exits`` (qualified module names, as for ``multi_exit``): every ``nn.Conv2d`` and ``nn.Linear`` that
+    reads one of those modules' outputs directly becomes a ``PartitionedConv2d`` / ``PartitionedLinear`` with
+    Cp = round(beta * C), and nothing else changes. The readers are found by one forward on ``example_input``
+    (default: told from the model, see ``multi_exit``). Your exits must then read the exit view through the
+    package (``ExitHead``, ``functional.exit_reference``), not the exit point itself, or their own first layer
+    would be partitioned as a backbone layer. To add the exits and their referencing as well, use
+    ``dfs_kernels.multi_exit``.
+
+    ``every_conv=True`` is the layout of the paper's VGG, where an exit reads the input of every convolution
+    after the first: every ``nn.Conv2d`` is partitioned, except the first in module order (which sees the
+    image) unless ``skip_first=False``.
+
+    Only layers computing exactly ``nn.Conv2d``'s / ``nn.Linear``'s forward are replaced. A layer held in
+    several places becomes one partitioned layer in all of them. An uninitialized lazy convolution raises
+    ``ValueError``.
+
+    Raises ValueError without ``exits`` or ``every_conv``: partitioning a convolution whose input no exit
+    reads leaves channels [Cp, C) of that input with no gradient at all, so the filters producing them
+    would never learn.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_beta(beta)
     check_backend_name(backend)
+    if exits is not None and every_conv:
+        raise ValueError("convert takes exits or every_conv=True, not both")
+    if exits is None and not every_conv:
+        raise ValueError(
+            "convert needs exits=[module names]: the layers it partitions must read a tensor that an exit "
+            "reads, or the channels [Cp, C) of their input get gradient from nobody and the filters producing "
+            "them never learn. dfs_kernels.multi_exit(model, exits, num_classes=...) adds exits and DFS in one "
+            "step; every_conv=True partitions every convolution after the first (the paper's VGG layout, where "
+            "an exit reads the input of each)."
+        )
+    if every_conv:
+        return _convert_every_conv(model, beta, skip_first, backend)
+    readers = exit_point_readers(model, exits, as_call(example_input) if example_input is not None else None)
+    replacements = {}
+    for (name, layer), channels in readers:
+        _check_initialized(layer, f"model.{name}")
+        replacements[id(layer)] = partitioned_like(layer, shared_channels_for(channels, beta), backend)
+    return _replace(model, replacements)
+
+
+def _convert_every_conv(model: nn.Module, beta: float, skip_first: bool, backend: str) -> nn.Module:
     convs = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if skip_first and convs:
         convs = convs[1:]

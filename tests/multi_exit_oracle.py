@@ -24,6 +24,8 @@ def _first_tensor(output):
             rebuilt[key] = tensor
             return rebuilt
         return output[key], rebuild
+    if hasattr(output, "_make"):  # a namedtuple
+        return output[0], lambda tensor: output._make([tensor, *output[1:]])
     return output[0], lambda tensor: type(output)([tensor, *output[1:]])
 
 

@@ -192,7 +192,7 @@ def test_onnx_export_matches_pytorch(factory, tmp_path):
 def test_unconvert_then_export_holds_no_dfs_op():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 4, 1))
-    dfs_kernels.convert(model)
+    dfs_kernels.convert(model, every_conv=True)
     x = torch.randn(2, 3, 8, 8)
     assert _dfs_ops(torch.export.export(model, (x,)))
     expected = model(x)

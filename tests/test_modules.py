@@ -94,7 +94,7 @@ def test_convert_matches_model_written_with_reference_ops(backend, beta):
     written = SmallVGG().double()
     converted = SmallVGG().double()
     converted.load_state_dict(written.state_dict())
-    dfs_kernels.convert(converted.features, beta=beta, backend=backend)
+    dfs_kernels.convert(converted.features, beta=beta, backend=backend, every_conv=True)
     assert type(converted.features[0]) is nn.Conv2d
     assert all(isinstance(layer, PartitionedConv2d) for layer in converted.features[1:])
 
@@ -122,7 +122,7 @@ def test_dfs_gradients_differ_from_dsn():
     dsn = SmallVGG().double()
     dfs = SmallVGG().double()
     dfs.load_state_dict(dsn.state_dict())
-    dfs_kernels.convert(dfs, beta=0.5)
+    dfs_kernels.convert(dfs, beta=0.5, every_conv=True)
     _, dsn_grads = _loss_and_grads(dsn, dsn)
     _, dfs_grads = _loss_and_grads(dfs, dfs)
     assert not torch.allclose(dsn_grads["features.0.weight"], dfs_grads["features.0.weight"])
@@ -132,13 +132,13 @@ def test_convert_skip_first_and_subclasses():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 1)),
                           PartitionedConv2d(4, 4, 1, shared_channels=1))
     existing = model[2]
-    assert dfs_kernels.convert(model, beta=0.25) is model
+    assert dfs_kernels.convert(model, beta=0.25, every_conv=True) is model
     assert type(model[0]) is nn.Conv2d
     assert isinstance(model[1][0], PartitionedConv2d) and model[1][0].shared_channels == 1
     assert model[2] is existing
-    dfs_kernels.convert(model, skip_first=False, backend="reference")
+    dfs_kernels.convert(model, skip_first=False, backend="reference", every_conv=True)
     assert isinstance(model[0], PartitionedConv2d) and model[0].backend == "reference"
-    alone = dfs_kernels.convert(nn.Conv2d(4, 2, 1), skip_first=False)
+    alone = dfs_kernels.convert(nn.Conv2d(4, 2, 1), skip_first=False, every_conv=True)
     assert isinstance(alone, PartitionedConv2d)
 
 
@@ -146,7 +146,7 @@ def test_converted_optimizer_keeps_working():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model[1].weight.detach().clone()
-    dfs_kernels.convert(model)
+    dfs_kernels.convert(model, every_conv=True)
     model(torch.randn(1, 3, 8, 8)).sum().backward()
     optimizer.step()
     assert not torch.equal(model[1].weight, before)
@@ -156,7 +156,7 @@ def test_convert_replaces_every_use_of_a_shared_conv():
     shared = nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), shared, nn.ReLU(), shared)
     outer = nn.Sequential(model, nn.Sequential(shared))  # also held by another parent
-    dfs_kernels.convert(outer, beta=0.25)
+    dfs_kernels.convert(outer, beta=0.25, every_conv=True)
     assert isinstance(model[1], PartitionedConv2d)
     assert model[3] is model[1] and outer[1][0] is model[1]
     assert model[1].weight is shared.weight and model[1].bias is shared.bias
@@ -173,7 +173,7 @@ def test_unconvert_inverts_convert_keeping_shared_parameters():
     x = torch.randn(2, 3, 6, 6)
     expected = model(x)
     parameters = list(model.parameters())
-    dfs_kernels.convert(model)
+    dfs_kernels.convert(model, every_conv=True)
     assert isinstance(model[1], PartitionedConv2d) and isinstance(model[4], PartitionedConv2d)
     assert dfs_kernels.unconvert(model) is model
     assert all(type(model[i]) is nn.Conv2d for i in (0, 1, 3, 4))
@@ -228,9 +228,9 @@ def test_from_conv_and_convert_refuse_uninitialized_lazy_convs():
         PartitionedConv2d.from_conv(nn.LazyConv2d(8, 3))
     model = nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyConv2d(8, 3))
     with pytest.raises(ValueError, match=r"model\.1 is an uninitialized lazy convolution"):
-        dfs_kernels.convert(model)
+        dfs_kernels.convert(model, every_conv=True)
     model(torch.randn(1, 3, 9, 9))  # after the first forward they are plain convolutions
-    dfs_kernels.convert(model)
+    dfs_kernels.convert(model, every_conv=True)
     assert type(model[0]) is nn.Conv2d and isinstance(model[1], PartitionedConv2d)
     assert model[1].in_channels == 8 and model[1].shared_channels == 4
 
@@ -238,7 +238,7 @@ def test_from_conv_and_convert_refuse_uninitialized_lazy_convs():
 @pytest.mark.parametrize(
     "make",
     [lambda: PartitionedConv2d(8, 4, 3), lambda: ExitHead(8, 3), lambda: FeatureReroute(8),
-     lambda: dfs_kernels.convert(SmallVGG())],
+     lambda: dfs_kernels.convert(SmallVGG(), every_conv=True)],
     ids=["conv", "exit_head", "reroute", "converted_model"],
 )
 def test_jit_script_is_refused_with_a_clear_error(make):

@@ -18,7 +18,7 @@ W = torch.randn(4, 6, 3, 3)
     lambda beta: PartitionedConv2d(6, 4, 3, beta=beta),
     lambda beta: ExitHead(6, 3, beta=beta),
     lambda beta: FeatureReroute(6, beta=beta),
-    lambda beta: dfs_kernels.convert(torch.nn.Conv2d(3, 3, 1), beta=beta),
+    lambda beta: dfs_kernels.convert(torch.nn.Conv2d(3, 3, 1), beta=beta, every_conv=True),
 ], ids=["PartitionedConv2d", "ExitHead", "FeatureReroute", "convert"])
 def test_beta(factory, beta, error):
     with pytest.raises(error, match="beta"):
@@ -84,7 +84,7 @@ def test_unknown_backend(backend):
     with pytest.raises(ValueError, match="backend must be"):
         PartitionedConv2d(6, 4, 3, backend=backend)
     with pytest.raises(ValueError, match="backend must be"):
-        dfs_kernels.convert(torch.nn.Conv2d(3, 3, 1), backend=backend)
+        dfs_kernels.convert(torch.nn.Conv2d(3, 3, 1), backend=backend, every_conv=True)
 
 
 def test_requested_backend_unavailable_on_device_raises_instead_of_falling_back():
