@@ -1,6 +1,7 @@
 """dfs_kernels: exact and fast Deep Feature Surgery for multi-exit networks.
 
-Swap ``nn.Conv2d`` for ``dfs_kernels.PartitionedConv2d`` (or call ``dfs_kernels.convert(model)``) and
+Put exits on your own model with ``dfs_kernels.multi_exit(model, exits, num_classes=...)``, or by hand:
+swap ``nn.Conv2d`` for ``dfs_kernels.PartitionedConv2d`` (or ``dfs_kernels.convert(model, exits=...)``) and
 ``nn.Linear`` for ``dfs_kernels.PartitionedLinear`` where a transformer reads a rerouted hidden state,
 reference features at exits with ``ExitHead`` / ``FeatureReroute``, and train as usual. For
 deployment, ``export_decompositions()`` lowers an exported program to plain ATen ops and

@@ -114,6 +114,12 @@ class ExitPointRecord:
     output: torch.Tensor  # what the exit point produced (detached)
     handed_on: torch.Tensor  # what the layers after it read in its place
     calls: int = 0
+    version: int = 0  # handed_on's version counter when handed on
+
+    @property
+    def modified_in_place(self) -> bool:
+        """Whether a later layer wrote into the tensor handed on (an in-place ReLU, ``+=``)."""
+        return self.handed_on._version != self.version
 
 
 @dataclass
@@ -148,7 +154,8 @@ def record(model: nn.Module, exit_modules: list[tuple[str, nn.Module]], run: Cal
                 return None
             axis = channel_axis(tensor, dims[index], name)
             handed_on = hand_on(index, tensor, axis)
-            recording.points[index] = ExitPointRecord(name, tensor.detach(), handed_on, calls=1)
+            recording.points[index] = ExitPointRecord(name, tensor.detach(), handed_on, calls=1,
+                                                      version=handed_on._version)
             recording.order.append(index)
             produced[id(handed_on)] = index
             dims_found[index] = axis

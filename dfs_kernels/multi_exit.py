@@ -98,7 +98,7 @@ class MultiExitModel(nn.Module):
     def __init__(self, model: nn.Module, exits: list[str], heads: Sequence[nn.Module], *, shared_channels: list[int],
                  dims: list[int], channels: list[int], flavour: str, exit_grad: str, backend: str,
                  swapped: Mapping[int, tuple[nn.Module, nn.Module]], partitioned: list[list[str]],
-                 left_plain: list[str]) -> None:
+                 left_plain: list[str], copied: list[bool]) -> None:
         super().__init__()
         self.model = model
         self.heads = nn.ModuleList(heads)
@@ -109,6 +109,7 @@ class MultiExitModel(nn.Module):
         self.flavour, self.exit_grad, self.backend = flavour, exit_grad, backend
         self.partitioned = partitioned
         self.left_plain = left_plain
+        self.copied = list(copied)  # exit points a later layer writes into in place: hand on a copy
         self._swapped = dict(swapped)  # id(partitioned layer) -> (partitioned layer, the user's layer)
         self._collected: list[torch.Tensor] = []
         self._collecting = False
@@ -128,6 +129,8 @@ class MultiExitModel(nn.Module):
             backbone, view = reference.reroute(y, cp, dim)
         else:
             backbone, view = functional.reroute(y, cp, dim=dim, backend=self.backend)
+            if self.copied[index]:  # reroute's outputs are views of y, which autograd lets no one modify
+                backbone = backbone.clone()
         return backbone, y if self.exit_grad == "all" else view
 
     def _at_exit_point(self, index: int, output: object) -> object:
@@ -185,8 +188,9 @@ class MultiExitModel(nn.Module):
                  f"backend={self.backend!r})"]
         for k, name in enumerate(self.exits):
             partitioned = ", ".join(self.partitioned[k]) or "none"
+            copied = "  (handed on as a copy: a later layer modifies it in place)" if self.copied[k] else ""
             lines.append(f"  exit {k + 1}: {name!r}  dim={self.dims[k]}  C={self.channels[k]}  Cp={self.shared_channels[k]}  "
-                         f"head={type(self.heads[k]).__name__}  partitioned: {partitioned}")
+                         f"head={type(self.heads[k]).__name__}  partitioned: {partitioned}{copied}")
         if self.left_plain:
             lines.append(f"  left plain (they also read other tensors): {', '.join(self.left_plain)}")
         return "\n".join(lines)
@@ -343,4 +347,5 @@ def multi_exit(
     channels = [recording.points[k].output.shape[axes[k]] for k in range(len(names))]
     return MultiExitModel(model, names, built, shared_channels=cps, dims=dims, channels=channels, flavour=flavour,
                           exit_grad=exit_grad, backend=backend, swapped=swapped, partitioned=partitioned,
-                          left_plain=[name for name, _ in recording.mixed])
+                          left_plain=[name for name, _ in recording.mixed],
+                          copied=[point.modified_in_place for point in recording.points])

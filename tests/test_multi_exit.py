@@ -248,6 +248,17 @@ def test_tokens_use_the_last_axis_and_partition_linear_readers():
     assert_matches_literal_dfs(wrapped, original, (x,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_exit_point_modified_in_place_downstream_is_handed_on_as_a_copy(backend):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    original = copy.deepcopy(model)
+    x = torch.randn(*IMAGES, dtype=torch.float64)
+    wrapped = multi_exit(model, ["1", "2"], num_classes=3, example_input=x, backend=backend)
+    assert wrapped.copied == [True, False] and "in place" in wrapped.describe()
+    assert_matches_literal_dfs(wrapped, original, (x,))
+
+
 def test_run_exits_stops_the_forward():
     x = torch.randn(*IMAGES)
     wrapped = multi_exit(small_cnn(), ["1", "3"], num_classes=3, example_input=x)
