@@ -134,14 +134,15 @@ class MultiExitModel(nn.Module):
         return backbone, y if self.exit_grad == "all" else view
 
     def _at_exit_point(self, index: int, output: object) -> object:
-        if not self._collecting:  # a recomputation (activation checkpointing) outside our forward
-            return None
+        # The same computation in every call, also when activation checkpointing recomputes a block in the
+        # backward (its saved tensors must come out as in the forward); only our own forward collects logits.
         y, rebuild = split_output(output, self.exits[index])
         backbone, view = self._reroute(index, y)
         logits = self.heads[index](view)
-        self._collected.append(logits)
-        if self._until is not None and self._until(index, logits):
-            raise _StopForward
+        if self._collecting:
+            self._collected.append(logits)
+            if self._until is not None and self._until(index, logits):
+                raise _StopForward
         return rebuild(backbone)
 
     def _run(self, args, kwargs) -> tuple[list[torch.Tensor], object]:

@@ -379,3 +379,32 @@ def test_a_model_whose_input_cannot_be_told_needs_example_input():
         multi_exit(model, ["1"], num_classes=3)
     # a model whose first layer is a convolution gets 224 x 224 images
     assert multi_exit(small_cnn(), ["1"], num_classes=3).channels == [8]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing_around_an_exit_point_keeps_the_gradients(backend):
+    """torch.utils.checkpoint recomputes the block holding an exit point in the backward: the exit hook must
+    compute the same there, or the recomputed saved tensors would not match the forward's."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3, padding=1))
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x, use_checkpoint: bool = False):
+            y = checkpoint(self.block, x, use_reentrant=False) if use_checkpoint else self.block(x)
+            return self.head(y.mean((2, 3)))
+
+    x = torch.randn(*IMAGES, dtype=torch.float64)
+    wrapped = multi_exit(Checkpointed().double(), ["block.1"], num_classes=3, example_input=x, backend=backend)
+
+    def grads(use_checkpoint):
+        wrapped.zero_grad()
+        sum(out.square().sum() for out in wrapped(x, use_checkpoint=use_checkpoint)).backward()
+        return {name: p.grad.clone() for name, p in wrapped.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, expected in plain.items():
+        assert_close(checkpointed[name], expected, name=f"grad of {name}")
