@@ -115,6 +115,7 @@ class MultiExitModel(nn.Module):
         self._until: Callable[[int, torch.Tensor], bool] | None = None
         modules = dict(model.named_modules())
         self._handles = [modules[name].register_forward_hook(_ExitHook(self, k)) for k, name in enumerate(exits)]
+        self._attached = True  # a flag, not the handles: torch.compile cannot represent a RemovableHandle
 
     # --- forward ---------------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class MultiExitModel(nn.Module):
         return rebuild(backbone)
 
     def _run(self, args, kwargs) -> tuple[list[torch.Tensor], object]:
-        if not self._handles:
+        if not self._attached:
             raise RuntimeError("this MultiExitModel was removed (remove() gave the model back); wrap it again")
         self._collected.clear()
         self._collecting = True
@@ -200,6 +201,7 @@ class MultiExitModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._attached = False
         _replace(self.model, {key: original for key, (_, original) in self._swapped.items()})
         self._swapped = {}
         return self.model
