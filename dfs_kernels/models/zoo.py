@@ -50,7 +50,8 @@ def _import(prefix: str, spec: str):
         return importlib.import_module(package)
     except ModuleNotFoundError as error:
         raise ImportError(f"model {spec!r} needs {package}: pip install {package}") from error
-    except (RuntimeError, ImportError) as error:  # PyPI's torchvision with a CPU torch: "torchvision::nms does not exist"
+    # PyPI's torchvision with a CPU-only torch: RuntimeError "operator torchvision::nms does not exist"
+    except (RuntimeError, ImportError) as error:
         raise ImportError(f"model {spec!r} needs {package}, which is installed but does not load with this torch "
                           f"({torch.__version__}): {error}. Install the {package} build made for this torch "
                           "(PyPI's torchvision wheels need PyPI's CUDA build of torch)") from error
