@@ -15,7 +15,7 @@ import torch
 from dfs_kernels.models import zoo
 from dfs_kernels.training.checkpoint import load_checkpoint
 from dfs_kernels.training.trainer import TrainConfig, check_config, train
-from test_zoo import TORCHVISION
+from test_zoo import TIMM, TORCHVISION
 
 pytest.importorskip("transformers")
 
@@ -137,9 +137,11 @@ def test_dfs_train_runs_a_hugging_face_model_on_digits(tmp_path):
     assert metrics["config"]["exits"] == RESNET_EXITS and len(metrics["epochs"][0]["test_acc"]) == 3
 
 
-@pytest.mark.skipif(not TORCHVISION, reason="torchvision does not load with this torch build")
-def test_dfs_train_runs_a_torchvision_model(tmp_path):
-    done = _dfs_train("--model", "torchvision:resnet18", "--exits", "layer1,layer2,layer3", "--strategy", "dfs",
+@pytest.mark.parametrize("spec, available", [("torchvision:resnet18", TORCHVISION), ("timm:resnet18", TIMM)])
+def test_dfs_train_runs_torchvision_and_timm_models(tmp_path, spec, available):
+    if not available:
+        pytest.skip(f"{spec.split(':')[0]} (or a torchvision that loads with this torch build) is not installed")
+    done = _dfs_train("--model", spec, "--exits", "layer1,layer2,layer3", "--strategy", "dfs",
                       "--dataset", "synthetic", "--synthetic-samples", "16", "--batch-size", "8", out=tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "metrics.json").read_text())["epochs"][0]["test_acc"]) == 4

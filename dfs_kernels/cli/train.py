@@ -3,8 +3,7 @@
     dfs-train --model vgg7 --dataset digits --strategy dfs --epochs 3 --batch-size 64 --out /tmp/run
     torchrun --nproc_per_node 2 -m dfs_kernels.cli.train ...   # data parallel (gloo on CPU, nccl on GPU)
     dfs-train --model torchvision:resnet18 --exits layer1,layer2,layer3 --strategy dfs --epochs 3 --out /tmp/tv
-    dfs-train --model hf:resnet --exits encoder.stages.0,encoder.stages.1,encoder.stages.2 \
-        --model-kwargs '{"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}' --strategy dfs --out /tmp/hf
+    dfs-train --model hf:resnet --exits resnet.encoder.stages.0,resnet.encoder.stages.1,resnet.encoder.stages.2
 
 Prints each epoch's per-exit train loss and accuracy; writes OUT/metrics.json, OUT/metrics.csv, OUT/last.pt.
 The options are checked against each other and this machine before any data or model is set up.
@@ -12,10 +11,11 @@ The digits dataset needs scikit-learn (pip install "dfs_kernels[train]").
 
 --model takes the package's networks or a library model, LIBRARY:NAME (torchvision:, timm:, or hf: with a
 Hugging Face model type such as resnet or bert), built with random weights (nothing is downloaded) and given
-exits at the modules --exits names (dfs_kernels.multi_exit; see dfs_kernels.models.zoo). Library models take
-images of any size if convolutional; transformers read 32 x 32 digits with --model-kwargs '{"image_size": 32}'
-(timm: img_size) and Hugging Face text models read --dataset synthetic_tokens. Block-dependent losses (bdl)
-need the package's networks.
+exits at the modules --exits names (dfs_kernels.multi_exit; see dfs_kernels.models.zoo). The libraries'
+defaults are full size (hf:resnet is ResNet-50); --model-kwargs '{"depths": [1, 1, 1, 1]}' and the like make
+them smaller. Convolutional networks take images of any size; vision transformers read the 32 x 32 digits
+with --model-kwargs '{"image_size": 32}' (timm: img_size). Hugging Face text models read --dataset
+synthetic_tokens. Block-dependent losses (bdl) need the package's networks.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from ..backends import check_backend_name
 from ..models import TOKEN_MODELS, build_model, canonical_model_name, zoo
 from ..multi_exit import MultiExitModel, final_logits
 from . import STRATEGIES, build_strategy, distributed
-from .block_dependent import MULTI_EXIT_REFUSAL
 from .augment import Augmentation, recipe_augmentation
+from .block_dependent import MULTI_EXIT_REFUSAL
 from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
                          set_rng_state)
 from .data import DATASETS, IN_MEMORY_DATASETS, TOKEN_DATASETS, load_dataset
@@ -274,9 +274,9 @@ class _Run:
 
 
 def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed,
-           example: torch.Tensor) -> _Run:
+           example: torch.Tensor | None) -> _Run:
     """The run's objects; ``example`` is a batch of inputs, on which ``multi_exit`` finds a spec model's exit
-    points."""
+    points (None for the package's models)."""
     if zoo.is_spec(config.model):
         model = zoo.build_multi_exit(config.model, config.exits, num_classes=num_classes,
                                      model_kwargs=config.model_kwargs, flavour=flavour_of(config), beta=config.beta,
@@ -428,7 +428,7 @@ def _train(config: TrainConfig, job: distributed.Distributed, device: torch.devi
     augmentation = Augmentation(config.augmentation or recipe_augmentation(config.dataset, config.model),
                                 splits.mean, splits.std)
     source = make_source(splits.train, augmentation, seed=config.seed, workers=config.workers)
-    example = next(iter(source.iterate([[0, 1]], 0, torch.device("cpu"))))[0]
+    example = next(iter(source.iterate([[0, 1]], 0, torch.device("cpu"))))[0] if zoo.is_spec(config.model) else None
     run = _build(config, splits.num_classes, device, job, example)
     start_epoch, start_step, resumed_sums, history = 0, 0, None, []
     if config.resume and os.path.exists(checkpoint_path):
