@@ -4,6 +4,7 @@ package's ops on every available backend), and DFS against its ideal (docs/cost_
     python bench/train_step.py                       # VGG7-64, CPU or GPU defaults
     python bench/train_step.py --model resnet18 --batch-sizes 32 64 --plot
     python bench/train_step.py --beta-sweep --plot   # the paper's Figure 5
+    python bench/train_step.py --model torchvision:resnet50 --exits layer1,layer2,layer3 --image-size 64
 
 A step is forward + summed exit cross-entropies, backward, SGD step (momentum) and zero_grad; it is
 split into forward, backward and other (optimizer), timed with the host clock on CPU and CUDA events on
@@ -28,6 +29,11 @@ R_measured is also given from the per-iteration ratios ("paired"), which drift c
 and the official ViT's dfs flavours partition no layer (their split points are reroutes), so there D = 0
 and R_ideal = 1. The token models ("bert_tiny") are fed random token ids of their sequence length.
 
+A library model (``--model torchvision:NAME``, ``timm:NAME`` or ``hf:NAME`` with ``--exits``, see
+``dfs_kernels.models.zoo``) is wrapped by ``dfs_kernels.multi_exit`` in each flavour from one set of
+weights; D swaps the layers its DFS wrapper partitions (``MultiExitModel.partitioned``) in the DSN wrapper.
+It is fed random images of ``--image-size`` or, for Hugging Face text models, token ids of ``--seq-len``.
+
 Peak memory is what a step allocates above what was live before it (CUDA allocator statistics; on
 CPU, the profiler's allocation events replayed in order). A JSON record with every raw timing goes
 to bench/results/; ``--plot`` writes PNGs beside it.
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import importlib.metadata
@@ -65,7 +72,9 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(BENCH_DIR.parent))
     import dfs_kernels
 from dfs_kernels import models  # noqa: E402
-from dfs_kernels.cli._common import HelpFormatter  # noqa: E402
+from dfs_kernels.models import zoo  # noqa: E402
+from dfs_kernels.multi_exit import MultiExitModel, final_logits  # noqa: E402
+from dfs_kernels.cli._common import HelpFormatter, comma_separated, json_object  # noqa: E402
 from dfs_kernels.nn import PartitionedLinear  # noqa: E402
 from dfs_kernels.nn import PartitionedConv2d  # noqa: E402
 from dfs_kernels.training.distributed import check_device  # noqa: E402
@@ -99,6 +108,8 @@ DEFAULT_STEPS = {"cpu": (3, 40), "cuda": (10, 30)}
 NUM_CLASSES = {"vgg7": 100, "resnet18": 100, "msdnet": 100, "vgg16": 1000, "msdnet_imagenet": 1000, "vit_tiny": 10,
                "vit_tiny_gemm_input": 10, "vit_tiny_digits": 10, "vit_tiny_digits_gemm_input": 10, "bert_tiny": 2,
                "bert_tiny_digits": 10, "bert_small": 2}
+LIBRARY_NUM_CLASSES = 10
+LIBRARY_BATCH_SIZES = {"cpu": (8, 16), "cuda": (64, 128)}
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -117,8 +128,15 @@ class Variant:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", choices=sorted(models.MODELS) + sorted(models.MODEL_ALIASES), default="vgg7",
-                        help="multi-exit network (factory names such as vgg7_64 work too)")
+    parser.add_argument("--model", default="vgg7", metavar="MODEL",
+                        help=f"multi-exit network: one of {sorted(models.MODELS)} (factory names such as vgg7_64 "
+                             "work too), or a library model torchvision:NAME, timm:NAME or hf:NAME with --exits")
+    parser.add_argument("--exits", type=comma_separated, metavar="NAME,NAME,...",
+                        help="library models: the modules whose outputs the exits read, in the order they run")
+    parser.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                        help="library models: keyword arguments of the model (Hugging Face: of its configuration)")
+    parser.add_argument("--image-size", type=int, default=64, help="library image models: input height and width")
+    parser.add_argument("--seq-len", type=int, default=128, help="Hugging Face text models: tokens per sequence")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: by model and device")
     parser.add_argument("--beta", type=float, default=0.5, help="DFS shared fraction of channels")
     parser.add_argument("--beta-sweep", action="store_true",
@@ -140,7 +158,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JSON path (default: bench/results/train_step_<model>_<device>_<time>.json)")
     parser.add_argument("--plot", action="store_true", help="write PNG figures beside the JSON")
     args = parser.parse_args(argv)
-    args.model = models.canonical_model_name(args.model)
+    try:
+        if zoo.is_spec(args.model):
+            zoo.parse_spec(args.model)
+            if not args.exits:
+                raise ValueError(f"--exits is required for the library model {args.model!r}")
+        else:
+            args.model = models.canonical_model_name(args.model)
+            if args.exits or args.model_kwargs:
+                raise ValueError("--exits and --model-kwargs apply to library models (torchvision:, timm:, hf:)")
+    except ValueError as error:
+        parser.error(str(error))
     try:
         args.device = check_device(args.device)
     except ValueError as error:
@@ -151,7 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         warmup = max(warmup, 5)
     args.warmup = warmup if args.warmup is None else args.warmup
     args.iterations = iterations if args.iterations is None else args.iterations
-    args.batch_sizes = args.batch_sizes or list(DEFAULT_BATCH_SIZES[device_type][args.model])
+    args.batch_sizes = args.batch_sizes or list(DEFAULT_BATCH_SIZES[device_type].get(
+        args.model, LIBRARY_BATCH_SIZES[device_type]))
     if args.iterations < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         parser.error("--iterations and --batch-sizes must be positive, --warmup non-negative")
     return args
@@ -269,15 +298,38 @@ def make_variant(label: str, flavour: str, model: nn.Module, beta: float | None,
     return Variant(label, flavour, torch.compile(model) if args.compile else model, optimizer, beta)
 
 
+def num_classes(args: argparse.Namespace) -> int:
+    return NUM_CLASSES.get(args.model, LIBRARY_NUM_CLASSES)
+
+
+def library_inputs(args: argparse.Namespace, backbone: nn.Module, batch_size: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Random inputs of a library model: token ids for Hugging Face text models, images otherwise."""
+    if zoo.reads_tokens(args.model):
+        return torch.randint(backbone.config.vocab_size, (batch_size, args.seq_len), generator=generator)
+    return torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator)
+
+
+def model_builder(args: argparse.Namespace):
+    """``build(flavour, **kwargs)`` (kwargs: beta, backend) of the benchmarked model. A library model's
+    backbone is built once; each flavour wraps a copy of it with ``multi_exit``."""
+    if not zoo.is_spec(args.model):
+        return lambda flavour, **kwargs: models.build_model(args.model, num_classes=num_classes(args),
+                                                            flavour=flavour, **kwargs)
+    backbone = zoo.build_backbone(args.model, num_classes=num_classes(args), **args.model_kwargs)
+    example = library_inputs(args, backbone, 2, torch.Generator().manual_seed(args.seed))
+    return lambda flavour, **kwargs: dfs_kernels.multi_exit(copy.deepcopy(backbone), args.exits,
+                                                            num_classes=num_classes(args), flavour=flavour,
+                                                            example_input=example, **kwargs)
+
+
 def build_variants(args: argparse.Namespace, betas: list[float], *, include_eager: bool = True,
                    ) -> tuple[list[Variant], dict[str, str]]:
     """DSN, DSN without partitioned input grads (when the dfs flavour partitions a layer), and per beta
     dfs_eager and dfs on each available backend, all from one initial state. Also returns the
     backends that cannot run here, with the reason."""
-    def build(flavour: str, **kwargs) -> nn.Module:
-        return models.build_model(args.model, num_classes=NUM_CLASSES[args.model], flavour=flavour, **kwargs)
-
     torch.manual_seed(args.seed)
+    build = model_builder(args)
     dsn = build("dsn")
     state = dsn.state_dict()
     variants = [make_variant("dsn", "dsn", dsn, None, state, args)]
@@ -307,6 +359,7 @@ def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor, clo
     clock.start()
     with autocast:
         logits = variant.model(images)
+        logits[-1] = final_logits(logits[-1])  # a library model's own output (e.g. a Hugging Face ModelOutput)
         loss = sum(F.cross_entropy(exit_logits.float(), labels) for exit_logits in logits)
     clock.mark()
     loss.backward()
@@ -318,7 +371,10 @@ def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor, clo
 
 def make_batch(args: argparse.Namespace, batch_size: int, model: nn.Module, num_classes: int):
     generator = torch.Generator().manual_seed(args.seed + batch_size)
-    images = model.example_input(batch_size, generator).to(args.device)
+    if isinstance(model, MultiExitModel):
+        images = library_inputs(args, model.model, batch_size, generator).to(args.device)
+    else:
+        images = model.example_input(batch_size, generator).to(args.device)
     if args.channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(num_classes, (batch_size,), generator=generator).to(args.device)
@@ -331,7 +387,7 @@ def run_interleaved(variants: list[Variant], args: argparse.Namespace, batch_siz
     rotating each iteration; then one step each for peak memory. A variant that raises is dropped with
     its error recorded. Returns the peak memory per variant label."""
     images, labels = make_batch(args, batch_size, getattr(variants[0].model, "_orig_mod", variants[0].model),
-                                NUM_CLASSES[args.model])
+                                num_classes(args))
     clock = PhaseClock(args.device)
     autocast = (torch.autocast(args.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -618,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
               "peak_memory_measure": PEAK_MEMORY_MEASURE,
               "runs": runs, "linear_fit": fit_batch_sizes(runs), "beta_sweep": sweep}
     output = args.output or RESULTS_DIR / (
-        f"train_step_{args.model}_{args.device.type}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+        f"train_step_{args.model.replace(':', '_')}_{args.device.type}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     record["wall_s"] = time.perf_counter() - started
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dfs_kernels
 
@@ -163,3 +164,43 @@ def test_train_step_all_summarizes_a_committed_record():
                             {"device": record["device"], "versions": record["versions"]})
     assert f"| vgg7 | channels_last | eager | 64 | {row['dsn_ms']:.1f} |" in table
     assert "failed: boom" in table and record["device"]["cpu_capability"] in table
+
+
+SMALL_HF_RESNET = ('{"embedding_size": 8, "hidden_sizes": [8, 16, 24], "depths": [1, 1, 1], '
+                   '"layer_type": "basic"}')
+SMALL_HF_BERT = ('{"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 37, '
+                 '"vocab_size": 100}')
+
+
+def test_library_model_without_input_grads_swaps_the_layers_its_dfs_wrapper_partitions(train_step):
+    pytest.importorskip("transformers")
+    args = train_step.parse_args(["--model", "hf:resnet", "--exits", "resnet.encoder.stages.0,resnet.encoder.stages.1",
+                                  "--model-kwargs", SMALL_HF_RESNET, "--image-size", "16", "--device", "cpu"])
+    variants, _ = train_step.build_variants(args, [0.5])
+    by_label = {variant.label: variant for variant in variants}
+    dfs = by_label[f"dfs:{dfs_kernels.available_backends('cpu')[0]}"].model
+    skipped = by_label[train_step.DSN_WITHOUT_INPUT_GRADS].model
+    swapped = {name for name, module in skipped.named_modules() if isinstance(module, train_step.ConvWithoutInputGrad)}
+    assert swapped == {f"model.{name}" for names in dfs.partitioned for name in names} and swapped
+    state = by_label["dsn"].model.state_dict()
+    for variant in variants:  # every variant starts from the same weights, heads included
+        assert all(torch.equal(value, state[key]) for key, value in variant.model.state_dict().items())
+
+
+def test_library_text_model_runs_every_variant(train_step, tmp_path):
+    pytest.importorskip("transformers")
+    output = tmp_path / "hf_bert.json"
+    train_step.main(["--model", "hf:bert", "--exits", "bert.encoder.layer.0,bert.encoder.layer.1", "--model-kwargs",
+                     SMALL_HF_BERT, "--seq-len", "8", "--batch-sizes", "2", "--iterations", "1", "--warmup", "0",
+                     "--output", str(output)])
+    run = json.loads(output.read_text())["runs"][0]
+    assert train_step.DSN_WITHOUT_INPUT_GRADS in run["variants"] and run["dfs"]
+    assert all(variant["error"] is None for variant in run["variants"].values())
+
+
+@pytest.mark.parametrize("options", [["--model", "hf:bert"], ["--model", "vgg7", "--exits", "layers.0"],
+                                     ["--model", "keras:bert", "--exits", "a"]])
+def test_library_options_are_checked(train_step, options):
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.parse_args(options)
+    assert exit_info.value.code == 2

@@ -352,15 +352,17 @@ FLOAT64_TRAIN = (
 )
 
 
-def _first_step_float64(tmp_path, name, strategy, *, processes=1, sync_bn=True):
+def _first_step_float64(tmp_path, name, strategy, *, processes=1, sync_bn=True, **model):
     """(first-step gradients, model state) of one float64 step of a 16-image global batch, trained by
-    ``processes`` processes. With weight decay 0 SGD's momentum buffers after one step are the gradients."""
+    ``processes`` processes. With weight decay 0 SGD's momentum buffers after one step are the gradients.
+    ``model``: TrainConfig fields of another model than VGG7."""
     script = tmp_path / "train_float64.py"
     script.write_text(FLOAT64_TRAIN)
     out = tmp_path / name
     fields = dict(model="vgg7", strategy=strategy, dataset="synthetic", synthetic_samples=16, batch_size=16,
                   epochs=1, lr=0.02, weight_decay=0.0, out=str(out), device="cpu", progress=False,
                   deterministic=True, sync_bn=sync_bn)
+    fields.update(model)
     launcher = TORCHRUN if processes == 2 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     for attempt in range(2):
@@ -401,3 +403,14 @@ def test_ddp_two_cpu_processes_equal_one_process_on_the_full_batch(tmp_path, str
     if strategy == "dfs":  # the check can fail: per-process BatchNorm statistics train another network
         unsynced = _first_step_float64(tmp_path, "unsynced", strategy, processes=2, sync_bn=False)
         assert _largest_relative_difference(single[0], unsynced[0]) > 1e6 * DDP_TOLERANCE
+
+
+def test_ddp_trains_a_library_model_as_one_process_does(tmp_path):
+    pytest.importorskip("transformers")
+    model = dict(model="hf:resnet", exits=["resnet.encoder.stages.0", "resnet.encoder.stages.1"],
+                 model_kwargs={"embedding_size": 8, "hidden_sizes": [8, 16, 24], "depths": [1, 1, 1],
+                               "layer_type": "basic"})
+    single = _first_step_float64(tmp_path, "single", "dfs", **model)
+    double = _first_step_float64(tmp_path, "ddp", "dfs", processes=2, **model)
+    assert _largest_relative_difference(single[0], double[0]) < DDP_TOLERANCE
+    assert _largest_relative_difference(single[1], double[1]) < DDP_TOLERANCE

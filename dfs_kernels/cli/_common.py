@@ -1,8 +1,10 @@
-"""What the command-line programs share: help that shows defaults, and the backend choices."""
+"""What the command-line programs share: help that shows defaults, the backend choices, and the types of
+the library-model options (``--exits``, ``--model-kwargs``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from .. import BACKENDS
 
@@ -19,3 +21,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
 """``--backend`` values: "auto" or a registered backend."""
+
+
+def comma_separated(text: str) -> list[str]:
+    """``--exits a,b,c`` -> ["a", "b", "c"]."""
+    return [name.strip() for name in text.split(",")]
+
+
+def json_object(text: str) -> dict:
+    """``--model-kwargs '{"key": value}'`` -> a dict; an argparse error for anything else."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of keyword arguments, got {text!r}")
+    return value

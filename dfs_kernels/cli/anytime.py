@@ -25,7 +25,8 @@ from dataclasses import asdict
 import torch
 
 from dfs_kernels import inference
-from dfs_kernels.models import build_model
+from dfs_kernels.models import build_model, zoo
+from dfs_kernels.multi_exit import MultiExitModel
 from dfs_kernels.training.checkpoint import load_checkpoint, restore_model
 from dfs_kernels.training.data import load_dataset
 from dfs_kernels.training.distributed import check_device
@@ -81,7 +82,13 @@ def load_run(run_dir: str, device: torch.device, datasets: dict, data_dir: str |
     if key not in datasets:
         datasets[key] = load_dataset(key[0], key[1], seed=key[2], synthetic_samples=key[3])
     splits = datasets[key]
-    model = build_model(config["model"], num_classes=splits.num_classes, flavour="dsn", beta=config.get("beta", 0.5))
+    if zoo.is_spec(config["model"]):  # a library model (dfs-train --model LIBRARY:NAME --exits ...)
+        model = zoo.build_multi_exit(config["model"], config["exits"], num_classes=splits.num_classes,
+                                     model_kwargs=config.get("model_kwargs"), flavour="dsn",
+                                     example_input=splits.test[:2][0])
+    else:
+        model = build_model(config["model"], num_classes=splits.num_classes, flavour="dsn",
+                            beta=config.get("beta", 0.5))
     restore_model(model, state["model"], path)
     return config, model.to(device).eval(), splits
 
@@ -151,7 +158,11 @@ def evaluate_run(run_dir: str, args, device: torch.device, datasets: dict):
     fit_set, fit_description = threshold_split(splits, args.holdout)
     val = inference.collect_exit_outputs(model, fit_set, batch_size=args.batch_size, progress=progress)
     test = inference.collect_exit_outputs(model, splits.test, batch_size=args.batch_size, progress=progress)
-    flops = inference.exit_flops(model)
+    test_images = splits.test.tensors[0].to(device)
+    if isinstance(model, MultiExitModel):  # counted on a test image; the package's models know their input
+        flops = inference.exit_flops(model, test_images[:1])
+    else:
+        flops = inference.exit_flops(model)
     accuracy = inference.anytime_accuracy(test)
     points = inference.budget_curve(val, test, flops)
     strategy = config.get("strategy", "dsn")
@@ -159,7 +170,6 @@ def evaluate_run(run_dir: str, args, device: torch.device, datasets: dict):
     print_exits(f"\n{label}: {config['model']} on {config['dataset']}, thresholds fitted on {fit_description}",
                 flops, accuracy)
 
-    test_images = splits.test.tensors[0].to(device)
     thresholds = [inference.fit_thresholds(val.confidences, inference.geometric_exit_fractions(p, val.num_exits))
                   for p in args.runner_p]
     runner = [check_runner(model, list(test_images.split(args.batch_size)), test, flops, p, exit_thresholds)

@@ -2,10 +2,20 @@
 
     dfs-train --model vgg7 --dataset digits --strategy dfs --epochs 3 --batch-size 64 --out /tmp/run
     torchrun --nproc_per_node 2 -m dfs_kernels.cli.train ...   # data parallel (gloo on CPU, nccl on GPU)
+    dfs-train --model torchvision:resnet18 --exits layer1,layer2,layer3 --strategy dfs --epochs 3 --out /tmp/tv
+    dfs-train --model hf:resnet --exits resnet.encoder.stages.0,resnet.encoder.stages.1,resnet.encoder.stages.2
 
 Prints each epoch's per-exit train loss and accuracy; writes OUT/metrics.json, OUT/metrics.csv, OUT/last.pt.
 The options are checked against each other and this machine before any data or model is set up.
 The digits dataset needs scikit-learn (pip install "dfs_kernels[train]").
+
+--model takes the package's networks or a library model, LIBRARY:NAME (torchvision:, timm:, or hf: with a
+Hugging Face model type such as resnet or bert), built with random weights (nothing is downloaded) and given
+exits at the modules --exits names (dfs_kernels.multi_exit; see dfs_kernels.models.zoo). The libraries'
+defaults are full size (hf:resnet is ResNet-50); --model-kwargs '{"depths": [1, 1, 1, 1]}' and the like make
+them smaller. Convolutional networks take images of any size; vision transformers read the 32 x 32 digits
+with --model-kwargs '{"image_size": 32}' (timm: img_size). Hugging Face text models read --dataset
+synthetic_tokens. Block-dependent losses (bdl) need the package's networks.
 """
 
 from __future__ import annotations
@@ -14,21 +24,29 @@ import argparse
 import os
 import warnings
 
-from dfs_kernels.models import MODEL_ALIASES, MODELS
+from dfs_kernels.models import MODEL_ALIASES, MODELS, zoo
 from dfs_kernels.training import STRATEGIES
 from dfs_kernels.training.augment import AUGMENTATIONS
 from dfs_kernels.training.data import DATASETS
 from dfs_kernels.training.trainer import AMP_DTYPES, OPTIMIZERS, TrainConfig, check_config, train
 
-from ._common import BACKEND_CHOICES, HelpFormatter
+from ._common import BACKEND_CHOICES, HelpFormatter, comma_separated, json_object
 
 DEFAULTS = TrainConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfs-train", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", default=DEFAULTS.model, choices=sorted(MODELS) + sorted(MODEL_ALIASES),
-                        help="multi-exit network (factory names such as vgg7_64 work too)")
+    parser.add_argument("--model", default=DEFAULTS.model, metavar="MODEL",
+                        help=f"multi-exit network: one of {sorted(MODELS)} (factory names such as vgg7_64 work "
+                             f"too), or a library model {'/'.join(f'{prefix}:NAME' for prefix in zoo.LIBRARIES)} "
+                             "with --exits")
+    parser.add_argument("--exits", type=comma_separated, default=None, metavar="NAME,NAME,...",
+                        help="library models only (required there): the modules whose outputs the exits read, "
+                             "comma-separated in the order they run, as model.named_modules() spells them")
+    parser.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                        help="library models only: keyword arguments of the model (Hugging Face: of its "
+                             "configuration), e.g. a small configuration")
     parser.add_argument("--strategy", default=DEFAULTS.strategy, choices=sorted(STRATEGIES),
                         help="training strategy; only 'dfs' trains the DFS flavour")
     parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="DFS shared fraction of channels (dfs)")
@@ -77,12 +95,12 @@ def parse_args(argv=None) -> TrainConfig:
                          out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                          deterministic=args.deterministic, sync_bn=not args.no_sync_bn, workers=args.workers,
                          seed=args.seed, device=args.device, progress=not args.no_progress,
-                         synthetic_samples=args.synthetic_samples)
+                         synthetic_samples=args.synthetic_samples, exits=args.exits, model_kwargs=args.model_kwargs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             return check_config(config)
-    except ValueError as error:  # BackendUnavailableError included
+    except (ValueError, ImportError) as error:  # BackendUnavailableError included; a library model's missing library
         parser.error(str(error))
 
 

@@ -2,7 +2,10 @@
 
 After block k and exit k, the samples whose confidence reaches threshold k leave with exit k's
 prediction; the state of the others is compacted (``index_select`` on the batch dimension) and only
-they go through block k+1. The decisions are those of the simulated evaluation
+they go through block k+1. A ``MultiExitModel`` runs the user's forward whole and cannot drop samples
+midway: its batch runs on (``run_exits``) until the first exit at which every sample has left, each
+sample keeping the prediction of the exit it left at; with batches of one image that is per-sample
+early exit. The decisions are those of the simulated evaluation
 (``budgeted.assign_exits`` on ``evaluate.collect_exit_outputs``), which runs every exit on every sample,
 and the FLOPs executed per sample are its exit's cumulative cost, so a run costs the simulated average
 FLOPs times the number of samples. ``measure_speedup`` times the runner against the plain forward,
@@ -11,6 +14,7 @@ which runs all exits on the full batch.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -21,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models.blockwise import blockwise_view
+from ..multi_exit import MultiExitModel
 from .evaluate import check_eval_mode, exit_confidences
 
 
@@ -35,9 +40,11 @@ class EarlyExitResult:
 @torch.inference_mode()
 def early_exit_predict(model: nn.Module, images: torch.Tensor, thresholds: Sequence[float]) -> EarlyExitResult:
     """Classifies ``images`` [N, C, H, W] with ``model`` (in eval mode; a model ``blockwise_view``
-    supports), stopping each sample at the first exit k whose confidence reaches ``thresholds[k]``;
-    the last exit takes every sample still there."""
+    supports, or a ``MultiExitModel``), stopping each sample at the first exit k whose confidence reaches
+    ``thresholds[k]``; the last exit takes every sample still there."""
     check_eval_mode(model)
+    if isinstance(model, MultiExitModel):
+        return _whole_batch_early_exit(model, images, thresholds)
     view = blockwise_view(model)
     if len(thresholds) != len(view.blocks):
         raise ValueError(f"expected {len(view.blocks)} thresholds, got {len(thresholds)}")
@@ -59,6 +66,29 @@ def early_exit_predict(model: nn.Module, images: torch.Tensor, thresholds: Seque
         if stay.numel() < index.numel():  # index_select copies: skip it when nobody left
             index = index[stay]
             state = tuple(tensor.index_select(0, stay) for tensor in state)
+    return EarlyExitResult(predictions, exits)
+
+
+def _whole_batch_early_exit(model: MultiExitModel, images: torch.Tensor,
+                            thresholds: Sequence[float]) -> EarlyExitResult:
+    """``early_exit_predict`` for a ``MultiExitModel``: the batch stops at the first exit where no sample
+    is left (see the module docstring)."""
+    if len(thresholds) != len(model.exits) + 1:
+        raise ValueError(f"expected {len(model.exits) + 1} thresholds (one per exit and the model's own output), "
+                         f"got {len(thresholds)}")
+    predictions = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
+    exits = torch.full_like(predictions, -1)
+
+    def leave(k: int, logits: torch.Tensor, threshold: float) -> bool:
+        confidence, prediction = exit_confidences(logits)
+        leaving = (confidence >= threshold) & (exits < 0)
+        predictions[leaving] = prediction[leaving]
+        exits[leaving] = k
+        return bool((exits >= 0).all())
+
+    logits = model.run_exits(images, until=lambda k, exit_logits: leave(k, exit_logits, thresholds[k]))
+    if len(logits) == len(thresholds):  # ran to the end: the model's own output takes the rest
+        leave(len(logits) - 1, logits[-1], -math.inf)
     return EarlyExitResult(predictions, exits)
 
 

@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..multi_exit import final_logits
+
 
 def exit_confidences(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max softmax probability as float64, argmax) per row of ``logits`` [N, classes].
@@ -52,13 +54,15 @@ class ExitOutputs:
 def collect_exit_outputs(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
                          progress: bool = False) -> ExitOutputs:
     """Runs ``model`` (in eval mode) on every (image, label) of ``dataset`` in batches, on the device
-    of its parameters; the outputs are on the CPU."""
+    of its parameters; the outputs are on the CPU. The last output may be a library model's own
+    (``MultiExitModel``): its logits are read with ``final_logits``."""
     check_eval_mode(model)
     device = next(model.parameters()).device
     confidences, predictions, labels = [], [], []
     for images, batch_labels in tqdm(DataLoader(dataset, batch_size=batch_size), desc="all exits",
                                      disable=not progress, leave=False):
-        pairs = [exit_confidences(logits) for logits in model(images.to(device))]
+        outputs = model(images.to(device))
+        pairs = [exit_confidences(logits) for logits in [*outputs[:-1], final_logits(outputs[-1])]]
         confidences.append(torch.stack([confidence for confidence, _ in pairs]).cpu())
         predictions.append(torch.stack([prediction for _, prediction in pairs]).cpu())
         labels.append(batch_labels)

@@ -31,11 +31,18 @@ from collections.abc import Sequence
 import torch
 
 from ..models.blockwise import Blockwise, State, blockwise_view
+from ..multi_exit import MultiExitModel
 from .losses import ExitLoss
 from .strategies import StepResult, Strategy, accumulate_grad, average_across_ranks, scaled, unwrap
 
 # The block cut lives in dfs_kernels.models.blockwise; Blockwise and blockwise_view stay importable from here.
 __all__ = ["BlockDependentLosses", "Blockwise", "State", "blockwise_view", "window_starts"]
+
+
+MULTI_EXIT_REFUSAL = (
+    "the bdl strategy cannot train a MultiExitModel: block-dependent losses run the network one block at a time "
+    "(blockwise_view), and a MultiExitModel runs the user's forward whole, with its exits hooked in, so there is "
+    "no block to run alone; train it with dsn, dfs, byot or gd")
 
 
 def window_starts(num_exits: int, window: int | None, group_boundaries: Sequence[int],
@@ -94,6 +101,8 @@ class BlockDependentLosses(Strategy):
 
     def backward(self, model, images, labels, *, scaler=None):
         network = unwrap(model)
+        if isinstance(network, MultiExitModel):
+            raise TypeError(MULTI_EXIT_REFUSAL)
         view = blockwise_view(network)
         starts = self.starts(len(view.blocks))
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..models._common import (ReferencePartitionedConv2d, ReferencePartitionedLinear, ReferenceSplit,
                               ReferenceTokenSplit)
+from ..multi_exit import MultiExitModel
 from ..nn import FeatureReroute, PartitionedConv2d, PartitionedLinear
 from .losses import DeepSupervisionLoss, ExitLoss
 
@@ -147,7 +148,10 @@ DFS_LAYERS = (PartitionedConv2d, ReferencePartitionedConv2d, FeatureReroute, Ref
 
 
 def has_dfs_split(model: nn.Module) -> bool:
-    """Whether ``model`` contains a DFS split point, i.e. was built with a DFS flavour."""
+    """Whether ``model`` contains a DFS split point, i.e. was built with a DFS flavour. A ``MultiExitModel``
+    splits in its exit hooks (its "dfs_eager" flavour holds no DFS layer), so its flavour tells."""
+    if isinstance(model, MultiExitModel):
+        return model.flavour != "dsn"
     return any(isinstance(module, DFS_LAYERS) for module in model.modules())
 
 
@@ -160,5 +164,6 @@ class DeepFeatureSurgery(JointTraining):
 
     def backward(self, model, images, labels, *, scaler=None):
         if not has_dfs_split(unwrap(model)):
-            raise ValueError("the dfs strategy needs a model built with flavour='dfs' or 'dfs_eager'")
+            raise ValueError("the dfs strategy needs a model built with flavour='dfs' or 'dfs_eager' (multi_exit's "
+                             "flavour too)")
         return super().backward(model, images, labels, scaler=scaler)

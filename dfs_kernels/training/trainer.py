@@ -39,9 +39,11 @@ from tqdm.auto import tqdm
 
 from .. import BackendUnavailableError, available_backends, unavailable_reason
 from ..backends import check_backend_name
-from ..models import TOKEN_MODELS, build_model, canonical_model_name
+from ..models import TOKEN_MODELS, build_model, canonical_model_name, zoo
+from ..multi_exit import MultiExitModel, final_logits
 from . import STRATEGIES, build_strategy, distributed
 from .augment import Augmentation, recipe_augmentation
+from .block_dependent import MULTI_EXIT_REFUSAL
 from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
                          set_rng_state)
 from .data import DATASETS, IN_MEMORY_DATASETS, TOKEN_DATASETS, load_dataset
@@ -54,7 +56,7 @@ DEFAULT_WEIGHT_DECAY = 5e-4
 RECIPE_EPOCHS = 300
 RESUME_KEYS = ("model", "strategy", "dataset", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                "milestones", "beta", "flavour", "seed", "synthetic_samples", "strategy_kwargs", "augmentation",
-               "sync_bn")
+               "sync_bn", "exits", "model_kwargs")
 """Config fields a resumed run must share with the checkpoint's."""
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("sgd", "adamw")
@@ -65,6 +67,11 @@ ADAMW_WEIGHT_DECAY = 0.05
 class TrainConfig:
     """Everything a run depends on (stored in the checkpoint and metrics.json).
 
+    model: a registry name (``models.MODELS``) or a library model spec ``torchvision:NAME``, ``timm:NAME``,
+        ``hf:NAME`` (``models.zoo``), which ``multi_exit`` puts exits on.
+    exits: the module names whose outputs a spec model's exits read (required for a spec, refused otherwise).
+    model_kwargs: keyword arguments of a spec model's constructor (Hugging Face: its configuration), e.g. a
+        small configuration.
     batch_size: the global batch (split over the processes of a torchrun job).
     flavour: model flavour; None picks "dfs" for the dfs strategy and "dsn" otherwise.
     optimizer: "sgd" (momentum ``momentum``, the CNN recipes) or "adamw" (the transformers' optimizer).
@@ -109,6 +116,8 @@ class TrainConfig:
     progress: bool = True
     synthetic_samples: int = 64
     strategy_kwargs: dict = field(default_factory=dict)
+    exits: list[str] | None = None
+    model_kwargs: dict = field(default_factory=dict)
 
 
 def flavour_of(config: TrainConfig) -> str:
@@ -130,10 +139,19 @@ def check_config(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {list(DATASETS)}")
-    config = dataclasses.replace(config, model=canonical_model_name(config.model))
-    if (config.dataset in TOKEN_DATASETS) != (config.model in TOKEN_MODELS):
+    if zoo.is_spec(config.model):
+        config = _check_spec_model(config)
+        reads_tokens = zoo.reads_tokens(config.model)
+    else:
+        config = dataclasses.replace(config, model=canonical_model_name(config.model))
+        if config.exits is not None or config.model_kwargs:
+            raise ValueError(f"exits and model_kwargs apply to library models (torchvision:, timm:, hf:); the "
+                             f"package's model {config.model!r} has its exits built in")
+        reads_tokens = config.model in TOKEN_MODELS
+    if (config.dataset in TOKEN_DATASETS) != reads_tokens:
         raise ValueError(f"dataset {config.dataset!r} and model {config.model!r} do not fit: token-id datasets "
-                         f"{list(TOKEN_DATASETS)} go with the models that embed ids {list(TOKEN_MODELS)}")
+                         f"{list(TOKEN_DATASETS)} go with the models that embed ids ({list(TOKEN_MODELS)} and "
+                         "Hugging Face text models)")
     check_backend_name(config.backend)
     flavour = flavour_of(config)
     if flavour != "dfs" and config.backend != "auto":
@@ -159,6 +177,26 @@ def check_config(config: TrainConfig) -> TrainConfig:
             raise BackendUnavailableError(f"backend {config.backend!r} cannot run on {device.type}: {reason}. "
                                           f"On this machine use one of {runnable}")
     return config
+
+
+def _check_spec_model(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``exits`` as a list; ValueError naming the field for what a library model spec cannot
+    take."""
+    exits = config.exits
+    if not exits or isinstance(exits, str) or not all(isinstance(name, str) and name for name in exits):
+        raise ValueError(f"exits must list the module names whose outputs the exits of {config.model!r} read "
+                         f"(e.g. ['layer1', 'layer2', 'layer3'] for torchvision:resnet18), got {exits!r}")
+    if not isinstance(config.model_kwargs, dict):
+        raise ValueError(f"model_kwargs must be a dict of keyword arguments, got {config.model_kwargs!r}")
+    if config.strategy == "bdl":
+        raise ValueError(MULTI_EXIT_REFUSAL)
+    zoo.parse_spec(config.model)
+    return dataclasses.replace(config, exits=list(exits))
+
+
+def num_exits(model: torch.nn.Module) -> int:
+    """The number of outputs of ``model``: its exits and, for a ``MultiExitModel``, the model's own."""
+    return len(model.exits) + 1 if isinstance(model, MultiExitModel) else len(model.exit_modules())
 
 
 def scaled_milestones(model: str, epochs: int) -> list[int]:
@@ -189,10 +227,11 @@ def evaluate(model, dataset, *, batch_size: int, device, amp_dtype=None, channel
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
+        logits[-1] = final_logits(logits[-1])  # a library model's own output (e.g. a Hugging Face ModelOutput)
         hits = torch.stack([(z.argmax(1) == labels).sum() for z in logits])
         correct = hits if correct is None else correct + hits
     if correct is None:  # this rank's shard is empty
-        correct = torch.zeros(len(model.exit_modules()), dtype=torch.long, device=device)
+        correct = torch.zeros(num_exits(model), dtype=torch.long, device=device)
     correct = job.sum(correct)
     return (100.0 * correct.double() / max(len(dataset), 1)).tolist()
 
@@ -234,9 +273,17 @@ class _Run:
                 "loss_sums": loss_sums, "config": asdict(config), "history": history}
 
 
-def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed) -> _Run:
-    model = build_model(config.model, num_classes=num_classes, flavour=flavour_of(config), beta=config.beta,
-                        backend=config.backend)
+def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed,
+           example: torch.Tensor | None) -> _Run:
+    """The run's objects; ``example`` is a batch of inputs, on which ``multi_exit`` finds a spec model's exit
+    points (None for the package's models)."""
+    if zoo.is_spec(config.model):
+        model = zoo.build_multi_exit(config.model, config.exits, num_classes=num_classes,
+                                     model_kwargs=config.model_kwargs, flavour=flavour_of(config), beta=config.beta,
+                                     backend=config.backend, example_input=example)
+    else:
+        model = build_model(config.model, num_classes=num_classes, flavour=flavour_of(config), beta=config.beta,
+                            backend=config.backend)
     if job.enabled and config.sync_bn:
         model = distributed.synchronize_batch_norm(model, device)
     model = model.to(device)
@@ -316,7 +363,8 @@ def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
     """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from.
     ValueError naming the file and the field for a checkpoint that does not fit this run."""
     state = load_checkpoint(path, map_location=device)
-    saved = {"optimizer": "sgd", **state["config"]}  # checkpoints from before the optimizer option
+    # checkpoints from before the optimizer, exits and model_kwargs options
+    saved = {"optimizer": "sgd", "exits": None, "model_kwargs": {}, **state["config"]}
     changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
     if changed:
         raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
@@ -329,7 +377,7 @@ def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
                          f"{steps_per_epoch} steps")
     if len(history) != epoch:
         raise ValueError(f"checkpoint {path}: field 'history' has {len(history)} epochs, field 'epoch' says {epoch}")
-    exits = len(run.model.exit_modules())
+    exits = num_exits(run.model)
     _check_history(history, exits, path)
     loss_sums = state.get("loss_sums")
     if step > 0 and (loss_sums is None or loss_sums.shape != (exits,)):
@@ -380,7 +428,8 @@ def _train(config: TrainConfig, job: distributed.Distributed, device: torch.devi
     augmentation = Augmentation(config.augmentation or recipe_augmentation(config.dataset, config.model),
                                 splits.mean, splits.std)
     source = make_source(splits.train, augmentation, seed=config.seed, workers=config.workers)
-    run = _build(config, splits.num_classes, device, job)
+    example = next(iter(source.iterate([[0, 1]], 0, torch.device("cpu"))))[0] if zoo.is_spec(config.model) else None
+    run = _build(config, splits.num_classes, device, job, example)
     start_epoch, start_step, resumed_sums, history = 0, 0, None, []
     if config.resume and os.path.exists(checkpoint_path):
         steps_per_epoch = len(rank_batches(len(source), config.batch_size, epoch=0, seed=config.seed,
