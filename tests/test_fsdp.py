@@ -7,6 +7,7 @@ import pytest
 import torch
 from launch import largest_relative_difference, train_float64
 
+from dfs_kernels.cli.train import parse_args
 from dfs_kernels.training.checkpoint import load_checkpoint
 from dfs_kernels.training.sharded_checkpoint import consolidate
 from dfs_kernels.training.trainer import TrainConfig, check_config, train
@@ -116,3 +117,12 @@ def test_options_fsdp_cannot_honour_are_refused(overrides, message):
 def test_consolidate_names_a_folder_without_a_sharded_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="holds no sharded checkpoint"):
         consolidate(str(tmp_path), str(tmp_path / "last.pt"))
+
+
+def test_dfs_train_takes_the_scaling_options_and_refuses_what_fsdp_cannot_honour(capsys):
+    common = ["--model", "resnet18", "--dataset", "synthetic", "--device", "cpu"]
+    config = parse_args([*common, "--fsdp", "--fsdp-mixed-precision", "bf16", "--activation-checkpointing"])
+    assert (config.fsdp, config.fsdp_mixed_precision, config.activation_checkpointing) == (True, "bf16", True)
+    with pytest.raises(SystemExit) as exit:
+        parse_args([*common, "--fsdp", "--strategy", "gd"])
+    assert exit.value.code == 2 and "fsdp supports the strategies" in capsys.readouterr().err
