@@ -16,6 +16,8 @@ from dfs_kernels.training.data import CIFAR100_MEAN, load_cifar100, load_dataset
 from dfs_kernels.training.loader import FolderSource, rank_batches
 from dfs_kernels.training.trainer import TrainConfig, scaled_milestones, train
 
+from launch import largest_relative_difference, train_float64
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -343,45 +345,20 @@ def test_imagenet_errors_name_the_fix(tmp_path, monkeypatch):
         load_dataset("imagenet", str(tmp_path))
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-FLOAT64_TRAIN = (
-    "import json, sys, torch\n"
-    "from dfs_kernels.training.trainer import TrainConfig, train\n"
-    "torch.set_default_dtype(torch.float64)\n"
-    "train(TrainConfig(**json.loads(sys.argv[1])))\n"
-)
-
-
-def _first_step_float64(tmp_path, name, strategy, *, processes=1, sync_bn=True, **model):
+def _first_step_float64(tmp_path, name, strategy, *, processes=1, nodes=1, sync_bn=True, **model):
     """(first-step gradients, model state) of one float64 step of a 16-image global batch, trained by
-    ``processes`` processes. With weight decay 0 SGD's momentum buffers after one step are the gradients.
-    ``model``: TrainConfig fields of another model than VGG7."""
-    script = tmp_path / "train_float64.py"
-    script.write_text(FLOAT64_TRAIN)
+    ``processes`` processes on each of ``nodes`` nodes. With weight decay 0 SGD's momentum buffers after one
+    step are the gradients. ``model``: TrainConfig fields of another model than VGG7."""
     out = tmp_path / name
     fields = dict(model="vgg7", strategy=strategy, dataset="synthetic", synthetic_samples=16, batch_size=16,
                   epochs=1, lr=0.02, weight_decay=0.0, out=str(out), device="cpu", progress=False,
                   deterministic=True, sync_bn=sync_bn)
     fields.update(model)
-    launcher = TORCHRUN if processes == 2 else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for attempt in range(2):
-        done = subprocess.run([*launcher, str(script), json.dumps(fields)], capture_output=True, text=True,
-                              timeout=300, cwd=ROOT, env=env)
-        # Rarely (seen once in a dozen full runs) a torchrun child aborts in torch's C++ runtime as the process
-        # exits ("terminate called without an active exception"), after training. That is a crash of the
-        # launcher's processes, not a result: run once more. Any other failure fails the test.
-        if done.returncode == 0 or attempt or "terminate called without an active exception" not in done.stderr:
-            break
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_float64(tmp_path, fields, processes=processes, nodes=nodes)
     state = load_checkpoint(str(out / "last.pt"))
     gradients = [entry["momentum_buffer"] for _, entry in sorted(state["optimizer"]["state"].items())]
     assert gradients and all(g.dtype == torch.float64 for g in gradients)
     return gradients, [value for value in state["model"].values() if value.is_floating_point()]
-
-
-def _largest_relative_difference(a, b):
-    return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-300)) for x, y in zip(a, b, strict=True))
 
 
 DDP_TOLERANCE = 1e-9
@@ -398,11 +375,20 @@ change the gradients by 1e-1 or more (per-process BatchNorm: 0.85 for dfs, 0.57 
 def test_ddp_two_cpu_processes_equal_one_process_on_the_full_batch(tmp_path, strategy):
     single = _first_step_float64(tmp_path, "single", strategy)
     double = _first_step_float64(tmp_path, "ddp", strategy, processes=2)
-    assert _largest_relative_difference(single[0], double[0]) < DDP_TOLERANCE  # gradients
-    assert _largest_relative_difference(single[1], double[1]) < DDP_TOLERANCE  # weights, BatchNorm buffers
+    assert largest_relative_difference(single[0], double[0]) < DDP_TOLERANCE  # gradients
+    assert largest_relative_difference(single[1], double[1]) < DDP_TOLERANCE  # weights, BatchNorm buffers
     if strategy == "dfs":  # the check can fail: per-process BatchNorm statistics train another network
         unsynced = _first_step_float64(tmp_path, "unsynced", strategy, processes=2, sync_bn=False)
-        assert _largest_relative_difference(single[0], unsynced[0]) > 1e6 * DDP_TOLERANCE
+        assert largest_relative_difference(single[0], unsynced[0]) > 1e6 * DDP_TOLERANCE
+
+
+def test_ddp_on_two_nodes_equals_one_process_on_the_full_batch(tmp_path):
+    """Two torchrun launches of one process each, meeting at a c10d rendezvous on 127.0.0.1: the launch of a
+    job over two machines, each running its own torchrun."""
+    single = _first_step_float64(tmp_path, "single", "dfs")
+    two_nodes = _first_step_float64(tmp_path, "two_nodes", "dfs", processes=1, nodes=2)
+    assert largest_relative_difference(single[0], two_nodes[0]) < DDP_TOLERANCE
+    assert largest_relative_difference(single[1], two_nodes[1]) < DDP_TOLERANCE
 
 
 def test_ddp_trains_a_library_model_as_one_process_does(tmp_path):
@@ -412,5 +398,5 @@ def test_ddp_trains_a_library_model_as_one_process_does(tmp_path):
                                "layer_type": "basic"})
     single = _first_step_float64(tmp_path, "single", "dfs", **model)
     double = _first_step_float64(tmp_path, "ddp", "dfs", processes=2, **model)
-    assert _largest_relative_difference(single[0], double[0]) < DDP_TOLERANCE
-    assert _largest_relative_difference(single[1], double[1]) < DDP_TOLERANCE
+    assert largest_relative_difference(single[0], double[0]) < DDP_TOLERANCE
+    assert largest_relative_difference(single[1], double[1]) < DDP_TOLERANCE

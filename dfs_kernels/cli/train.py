@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m dfs_kernels.cli.train ...   # data parallel (gloo on CPU, nccl on GPU)
     dfs-train --model torchvision:resnet18 --exits layer1,layer2,layer3 --strategy dfs --epochs 3 --out /tmp/tv
     dfs-train --model hf:resnet --exits resnet.encoder.stages.0,resnet.encoder.stages.1,resnet.encoder.stages.2
+    torchrun --nproc_per_node 2 -m dfs_kernels.cli.train --fsdp ...   # sharded (FSDP2); OUT/last.dcp
 
 Prints each epoch's per-exit train loss and accuracy; writes OUT/metrics.json, OUT/metrics.csv, OUT/last.pt.
 The options are checked against each other and this machine before any data or model is set up.
@@ -28,7 +29,8 @@ from dfs_kernels.models import MODEL_ALIASES, MODELS, zoo
 from dfs_kernels.training import STRATEGIES
 from dfs_kernels.training.augment import AUGMENTATIONS
 from dfs_kernels.training.data import DATASETS
-from dfs_kernels.training.trainer import AMP_DTYPES, OPTIMIZERS, TrainConfig, check_config, train
+from dfs_kernels.training.sharding import MIXED_PRECISION
+from dfs_kernels.training.trainer import AMP_DTYPES, FSDP_STRATEGIES, OPTIMIZERS, TrainConfig, check_config, train
 
 from ._common import BACKEND_CHOICES, HelpFormatter, comma_separated, json_object
 
@@ -73,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     parser.add_argument("--no-sync-bn", action="store_true",
                         help="per-process BatchNorm statistics under torchrun (otherwise: the global batch's)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help=f"shard parameters, gradients and optimizer state per block (FSDP2) instead of DDP; "
+                             f"strategies {', '.join(FSDP_STRATEGIES)}; checkpoints to OUT/last.dcp")
+    parser.add_argument("--fsdp-mixed-precision", default=DEFAULTS.fsdp_mixed_precision, choices=list(MIXED_PRECISION),
+                        help="bf16: FSDP gathers parameters and computes in bfloat16, reduces gradients in float32")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each backbone block's forward in the backward (less memory, more compute)")
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers, help="data loader workers (imagenet)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of initialization, order, augmentation")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -95,7 +104,9 @@ def parse_args(argv=None) -> TrainConfig:
                          out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
                          deterministic=args.deterministic, sync_bn=not args.no_sync_bn, workers=args.workers,
                          seed=args.seed, device=args.device, progress=not args.no_progress,
-                         synthetic_samples=args.synthetic_samples, exits=args.exits, model_kwargs=args.model_kwargs)
+                         synthetic_samples=args.synthetic_samples, exits=args.exits, model_kwargs=args.model_kwargs,
+                         fsdp=args.fsdp, fsdp_mixed_precision=args.fsdp_mixed_precision,
+                         activation_checkpointing=args.activation_checkpointing)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -122,7 +133,7 @@ def main(argv=None) -> None:
     except PermissionError as error:  # --out: found before any training
         raise SystemExit(f"dfs-train: error: {error}") from error
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {config.out}/metrics.json, metrics.csv, last.pt")
+        print(f"wrote {config.out}/metrics.json, metrics.csv, {'last.dcp' if config.fsdp else 'last.pt'}")
 
 
 if __name__ == "__main__":

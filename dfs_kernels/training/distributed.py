@@ -2,7 +2,8 @@
 
 ``setup(device)`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and, for more than one
 process, initializes the default process group: NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``),
-Gloo on CPU. Without torchrun it returns a one-process ``Distributed`` and touches nothing.
+Gloo on CPU. Without torchrun it returns a one-process ``Distributed`` and touches nothing (unless asked
+for a one-process group, as FSDP needs).
 
 Batch norm: with several processes each one sees 1/W of the batch, so plain BatchNorm would normalize
 with per-process statistics and train a different network than one process on the whole batch.
@@ -67,8 +68,10 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def setup(device: str | None) -> tuple[Distributed, torch.device]:
-    """The job's ``Distributed`` and this process's device (``device`` None: CUDA when available, else CPU)."""
+def setup(device: str | None, *, always_group: bool = False) -> tuple[Distributed, torch.device]:
+    """The job's ``Distributed`` and this process's device (``device`` None: CUDA when available, else CPU).
+    ``always_group``: a default process group even for one process (FSDP shards over one), whose store
+    lives in this process."""
     if device is not None:
         check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,8 +83,11 @@ def setup(device: str | None) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(chosen)
     else:
         chosen = torch.device(device or ("cuda" if use_cuda else "cpu"))
+    backend = "nccl" if use_cuda else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    elif always_group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Distributed(rank, world_size, local_rank), chosen
 
 

@@ -16,6 +16,11 @@ global batches do not depend on it.
 Distributed: ``WORLD_SIZE > 1`` (torchrun) trains with DistributedDataParallel, NCCL on CUDA and Gloo on
 CPU; ``batch_size`` is the global batch. BatchNorm statistics are those of the global batch
 (``sync_bn``, default on), so W processes train the network one process would on the whole batch.
+``fsdp=True`` shards the parameters, gradients and optimizer state over the processes instead
+(``sharding.shard_model``: FSDP2 per block; one process is allowed) and checkpoints to the folder
+``OUT/last.dcp`` (``sharded_checkpoint``; ``consolidate`` turns it into a ``last.pt``).
+``activation_checkpointing=True`` recomputes each backbone block's forward in the backward
+(``sharding.checkpoint_blocks``).
 
 Milestones follow the CIFAR recipes (``docs/models.md``) for 300 epochs and are scaled to ``epochs``
 otherwise; the augmentation follows the recipe too (``augment.recipe_augmentation``).
@@ -41,13 +46,14 @@ from .. import BackendUnavailableError, available_backends, unavailable_reason
 from ..backends import check_backend_name
 from ..models import TOKEN_MODELS, build_model, canonical_model_name, zoo
 from ..multi_exit import MultiExitModel, final_logits
-from . import STRATEGIES, build_strategy, distributed
+from . import STRATEGIES, build_strategy, distributed, sharding
 from .augment import Augmentation, recipe_augmentation
 from .block_dependent import MULTI_EXIT_REFUSAL
-from .checkpoint import (check_writable, load_checkpoint, restore_model, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (REQUIRED_KEYS, check_writable, load_checkpoint, restore_model, rng_state,
+                         save_checkpoint, set_rng_state)
 from .data import DATASETS, IN_MEMORY_DATASETS, TOKEN_DATASETS, load_dataset
 from .loader import make_source, rank_batches, shard_batches
+from .sharded_checkpoint import TRAINER_FILE, TRAINER_KEYS, find_sharded, load_sharded, save_sharded
 
 RECIPE_MILESTONES = {"vgg7": (270, 280, 295), "vgg16": (270, 280, 295)}
 DEFAULT_MILESTONES = (250, 280, 295)
@@ -56,11 +62,14 @@ DEFAULT_WEIGHT_DECAY = 5e-4
 RECIPE_EPOCHS = 300
 RESUME_KEYS = ("model", "strategy", "dataset", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
                "milestones", "beta", "flavour", "seed", "synthetic_samples", "strategy_kwargs", "augmentation",
-               "sync_bn", "exits", "model_kwargs")
+               "sync_bn", "exits", "model_kwargs", "fsdp_mixed_precision")
 """Config fields a resumed run must share with the checkpoint's."""
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("sgd", "adamw")
 ADAMW_WEIGHT_DECAY = 0.05
+FSDP_STRATEGIES = ("dsn", "dfs", "byot")
+"""The strategies that train through the model's forward, as FSDP needs: BDL and GD take gradients of the
+model's parameters with ``torch.autograd.grad``, which FSDP's sharded parameters do not receive."""
 
 
 @dataclass
@@ -84,6 +93,9 @@ class TrainConfig:
     sync_bn: BatchNorm over the global batch when several processes train.
     workers: DataLoader workers for folder datasets (ImageNet).
     synthetic_samples: train samples of the "synthetic" dataset (val and test get half).
+    fsdp: shard with FSDP2 instead of DistributedDataParallel (strategies ``FSDP_STRATEGIES``).
+    fsdp_mixed_precision: "bf16" computes in bfloat16 under FSDP (``sharding.MIXED_PRECISION``).
+    activation_checkpointing: recompute the backbone blocks' activations in the backward.
     """
 
     model: str = "vgg7"
@@ -115,6 +127,9 @@ class TrainConfig:
     workers: int = 4
     progress: bool = True
     synthetic_samples: int = 64
+    fsdp: bool = False
+    fsdp_mixed_precision: str = "none"
+    activation_checkpointing: bool = False
     strategy_kwargs: dict = field(default_factory=dict)
     exits: list[str] | None = None
     model_kwargs: dict = field(default_factory=dict)
@@ -167,6 +182,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
     if config.workers != TrainConfig.workers and config.dataset != "imagenet":
         warnings.warn(f"workers is ignored: dataset {config.dataset!r} is batched in memory (only imagenet uses "
                       "loader workers)", stacklevel=2)
+    _check_scaling(config)
     if not config.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         warnings.warn("sync_bn=False has no effect in a one-process run (no torchrun)", stacklevel=2)
     device = distributed.check_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,6 +215,29 @@ def num_exits(model: torch.nn.Module) -> int:
     return len(model.exits) + 1 if isinstance(model, MultiExitModel) else len(model.exit_modules())
 
 
+def _check_scaling(config: TrainConfig) -> None:
+    """ValueError for FSDP and activation-checkpointing options that cannot work together with the others."""
+    if config.fsdp_mixed_precision not in sharding.MIXED_PRECISION:
+        raise ValueError(f"fsdp_mixed_precision must be one of {list(sharding.MIXED_PRECISION)}, "
+                         f"got {config.fsdp_mixed_precision!r}")
+    if not config.fsdp:
+        if config.fsdp_mixed_precision != "none":
+            raise ValueError(f"fsdp_mixed_precision {config.fsdp_mixed_precision!r} needs fsdp (use --amp "
+                             "without FSDP)")
+    elif config.strategy not in FSDP_STRATEGIES:
+        raise ValueError(f"fsdp supports the strategies {list(FSDP_STRATEGIES)}, not {config.strategy!r}: it "
+                         "takes gradients of the model's parameters with torch.autograd.grad, which FSDP's "
+                         "sharded parameters do not receive (train it without fsdp)")
+    elif config.amp == "fp16":
+        raise ValueError("amp 'fp16' is not supported with fsdp (its gradient scaler would skip steps per "
+                         "process); use fsdp_mixed_precision 'bf16' or amp 'bf16'")
+    elif config.compile:
+        raise ValueError("compile is not supported with fsdp in this trainer; train one of them")
+    if config.activation_checkpointing and not zoo.is_spec(config.model):
+        with torch.device("meta"):  # the architecture only: no memory, no initialization
+            sharding.check_checkpointable(build_model(config.model, num_classes=2, flavour="dsn"))
+
+
 def scaled_milestones(model: str, epochs: int) -> list[int]:
     """The recipe's lr milestones for ``model``, scaled from 300 epochs to ``epochs`` (kept >= 1, distinct)."""
     recipe = RECIPE_MILESTONES.get(model, DEFAULT_MILESTONES)
@@ -215,23 +254,27 @@ def _seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, dataset, *, batch_size: int, device, amp_dtype=None, channels_last: bool = False,
-             job: distributed.Distributed = distributed.Distributed(), workers: int = 0) -> list[float]:
+             job: distributed.Distributed = distributed.Distributed(), workers: int = 0,
+             lockstep: bool = False) -> list[float]:
     """Per-exit top-1 accuracy (%) of ``model`` on ``dataset``, each rank of ``job`` taking a shard (eval
-    mode; the caller restores train())."""
+    mode; the caller restores train()). ``lockstep``: every rank runs as many forwards (a model whose
+    forward is a collective, as FSDP's parameter gathering is; the extra ones repeat a sample and are not
+    counted)."""
     model.eval()
     source = make_source(dataset, Augmentation("none", (0.0,), (1.0,)), seed=0, workers=workers)
-    correct = None
-    for images, labels in source.iterate(shard_batches(len(source), batch_size, job.rank, job.world_size), 0,
-                                         device):
+    batches = shard_batches(len(source), batch_size, job.rank, job.world_size)
+    counted = len(batches)
+    if lockstep:  # rank 0's shard is the largest
+        batches += [[0]] * (len(shard_batches(len(source), batch_size, 0, job.world_size)) - counted)
+    correct = torch.zeros(num_exits(model), dtype=torch.long, device=device)
+    for index, (images, labels) in enumerate(source.iterate(batches, 0, device)):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         logits[-1] = final_logits(logits[-1])  # a library model's own output (e.g. a Hugging Face ModelOutput)
-        hits = torch.stack([(z.argmax(1) == labels).sum() for z in logits])
-        correct = hits if correct is None else correct + hits
-    if correct is None:  # this rank's shard is empty
-        correct = torch.zeros(num_exits(model), dtype=torch.long, device=device)
+        if index < counted:
+            correct += torch.stack([(z.argmax(1) == labels).sum() for z in logits])
     correct = job.sum(correct)
     return (100.0 * correct.double() / max(len(dataset), 1)).tolist()
 
@@ -267,10 +310,13 @@ class _Run:
     strategy: object
 
     def state(self, config: TrainConfig, *, epoch: int, step: int, loss_sums, history: list[dict]) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "strategy": self.strategy.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
-                "loss_sums": loss_sums, "config": asdict(config), "history": history}
+        """The checkpoint; without "model" and "optimizer" under FSDP, whose shards DCP saves."""
+        state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "strategy": self.strategy.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
+                 "loss_sums": loss_sums, "config": asdict(config), "history": history}
+        if not config.fsdp:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
 
 
 def _build(config: TrainConfig, num_classes: int, device: torch.device, job: distributed.Distributed,
@@ -289,6 +335,10 @@ def _build(config: TrainConfig, num_classes: int, device: torch.device, job: dis
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if config.activation_checkpointing:
+        sharding.checkpoint_blocks(model)
+    if config.fsdp:  # before the optimizer, which must hold the sharded parameters
+        sharding.shard_model(model, config.fsdp_mixed_precision)
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     recipe_decay = ADAMW_WEIGHT_DECAY if config.optimizer == "adamw" else RECIPE_WEIGHT_DECAY.get(
@@ -360,11 +410,15 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
 
 def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
             steps_per_epoch: int) -> tuple[int, int, object, list]:
-    """Loads ``path`` into ``run``; returns (epoch, step, partial loss sums, history) to continue from.
-    ValueError naming the file and the field for a checkpoint that does not fit this run."""
-    state = load_checkpoint(path, map_location=device)
-    # checkpoints from before the optimizer, exits and model_kwargs options
-    saved = {"optimizer": "sgd", "exits": None, "model_kwargs": {}, **state["config"]}
+    """Loads ``path`` (``last.pt``, or the ``last.dcp`` folder under FSDP) into ``run``; returns (epoch, step,
+    partial loss sums, history) to continue from. ValueError naming the file and the field for a
+    checkpoint that does not fit this run."""
+    folder = path if config.fsdp else None
+    if folder is not None:
+        path = os.path.join(folder, TRAINER_FILE)
+    state = load_checkpoint(path, map_location=device, required=TRAINER_KEYS if folder else REQUIRED_KEYS)
+    # checkpoints from before the optimizer, exits, model_kwargs and FSDP options
+    saved = {"optimizer": "sgd", "exits": None, "model_kwargs": {}, "fsdp_mixed_precision": "none", **state["config"]}
     changed = [key for key in RESUME_KEYS if saved.get(key) != getattr(config, key)]
     if changed:
         raise ValueError(f"checkpoint {path} was written by a different run: {changed} differ "
@@ -383,21 +437,38 @@ def _resume(run: _Run, config: TrainConfig, path: str, device: torch.device,
     if step > 0 and (loss_sums is None or loss_sums.shape != (exits,)):
         raise ValueError(f"checkpoint {path}: field 'loss_sums' must be a tensor [{exits}] (one sum per exit) "
                          f"mid-epoch, got {None if loss_sums is None else list(loss_sums.shape)}")
-    restore_model(run.model, state["model"], path)
-    for field, target in (("optimizer", run.optimizer), ("scheduler", run.scheduler), ("scaler", run.scaler),
-                          ("strategy", run.strategy)):
+    targets = [("scheduler", run.scheduler), ("scaler", run.scaler), ("strategy", run.strategy)]
+    if folder is not None:
+        load_sharded(folder, run.model, run.optimizer)
+    else:
+        restore_model(run.model, state["model"], path)
+        targets.insert(0, ("optimizer", run.optimizer))
+    for field, target in targets:
         try:
             _check_like(state.get(field, {}), target.state_dict())
             target.load_state_dict(state.get(field, {}))
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
             raise ValueError(f"checkpoint {path}: field {field!r} does not match this run: "
                              f"{type(error).__name__}: {error}") from error
-    _check_optimizer_state(run.optimizer, path)
+    if folder is None:  # DCP checks the shards' shapes
+        _check_optimizer_state(run.optimizer, path)
     try:
         set_rng_state(state["rng"])
     except (ValueError, RuntimeError, TypeError, OverflowError) as error:
         raise ValueError(f"checkpoint {path}: field 'rng' cannot be restored: {error}") from error
     return epoch, step, loss_sums, history
+
+
+def _checkpoint_to_resume(config: TrainConfig, path: str) -> str | None:
+    """The checkpoint a resumed run continues from (``path``, or where an interrupted sharded save left it);
+    None when there is none. ValueError when the run folder holds only a checkpoint of the other kind."""
+    found = find_sharded(path) if config.fsdp else (path if os.path.exists(path) else None)
+    other = os.path.join(config.out, "last.pt" if config.fsdp else "last.dcp")
+    if found is None and os.path.exists(other):
+        raise ValueError(f"cannot resume from {other}: it was written {'without' if config.fsdp else 'with'} fsdp "
+                         f"and this run {'uses' if config.fsdp else 'does not use'} it"
+                         + (" (dfs_kernels.cli.consolidate turns it into a last.pt)" if not config.fsdp else ""))
+    return found
 
 
 def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
@@ -407,7 +478,7 @@ def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
     epoch, lr, loss, seconds, train_loss (per exit, mean over batches), val_acc and test_acc (per exit, %)."""
     config = check_config(config)
     started_group = not torch.distributed.is_initialized()
-    job, device = distributed.setup(config.device)
+    job, device = distributed.setup(config.device, always_group=config.fsdp)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(config.deterministic or was_deterministic)
     try:
@@ -419,7 +490,7 @@ def train(config: TrainConfig, on_epoch=None, on_step=None) -> dict:
 
 
 def _train(config: TrainConfig, job: distributed.Distributed, device: torch.device, on_epoch, on_step) -> dict:
-    checkpoint_path = os.path.join(config.out, "last.pt")
+    checkpoint_path = os.path.join(config.out, "last.dcp" if config.fsdp else "last.pt")
     if job.is_main:
         check_writable(config.out)  # before any work: a run must not learn this at its first checkpoint
     _seed_everything(config.seed)
@@ -431,21 +502,24 @@ def _train(config: TrainConfig, job: distributed.Distributed, device: torch.devi
     example = next(iter(source.iterate([[0, 1]], 0, torch.device("cpu"))))[0] if zoo.is_spec(config.model) else None
     run = _build(config, splits.num_classes, device, job, example)
     start_epoch, start_step, resumed_sums, history = 0, 0, None, []
-    if config.resume and os.path.exists(checkpoint_path):
+    resume_from = _checkpoint_to_resume(config, checkpoint_path) if config.resume else None
+    if resume_from is not None:
         steps_per_epoch = len(rank_batches(len(source), config.batch_size, epoch=0, seed=config.seed,
                                            rank=job.rank, world_size=job.world_size))
-        start_epoch, start_step, resumed_sums, history = _resume(run, config, checkpoint_path, device,
+        start_epoch, start_step, resumed_sums, history = _resume(run, config, resume_from, device,
                                                                  steps_per_epoch)
-    if job.enabled:
+    if job.enabled and not config.fsdp:
         run.runner = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         run.runner = torch.compile(run.runner)
     amp_dtype = AMP_DTYPES[config.amp]
 
     def checkpoint(epoch: int, step: int, loss_sums) -> None:
-        if job.is_main:
-            save_checkpoint(checkpoint_path, run.state(config, epoch=epoch, step=step, loss_sums=loss_sums,
-                                                      history=history))
+        state = run.state(config, epoch=epoch, step=step, loss_sums=loss_sums, history=history)
+        if config.fsdp:  # every process writes its shards
+            save_sharded(checkpoint_path, run.model, run.optimizer, state)
+        elif job.is_main:
+            save_checkpoint(checkpoint_path, state)
 
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
     for epoch in range(start_epoch, last_epoch):
@@ -480,9 +554,11 @@ def _train(config: TrainConfig, job: distributed.Distributed, device: torch.devi
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
         eval_args = dict(batch_size=max(config.batch_size // job.world_size, 256), device=device,
-                         amp_dtype=amp_dtype, channels_last=config.channels_last, job=job, workers=config.workers)
+                         amp_dtype=amp_dtype, channels_last=config.channels_last, job=job, workers=config.workers,
+                         lockstep=config.fsdp)
         # the bare model: in eval mode no layer talks to other ranks, and DDP's per-forward buffer
-        # broadcast would deadlock ranks whose shards have different batch counts
+        # broadcast would deadlock ranks whose shards have different batch counts (FSDP's forward gathers
+        # parameters: its ranks run in lockstep)
         val_acc = evaluate(run.model, splits.val, **eval_args) if len(splits.val) else []
         test_acc = evaluate(run.model, splits.test, **eval_args)
         train_loss = (job.mean(loss_sums) / len(batches)).tolist()
