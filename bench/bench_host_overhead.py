@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 import dfs_kernels
+from _timing import cpu_model
 from dfs_kernels import functional
 
 TARGET_US = {"fwd+bwd": 10.0, "no-grad fwd": 2.0}
@@ -47,23 +47,23 @@ PHASES = ("fwd+bwd", "no-grad fwd")
 class Case:
     name: str
     tiny: bool
-    build: Callable[[], dict[str, Callable[[torch.Tensor], object]]]  # {"pytorch": f, "dfs": f}
+    build: Callable[[torch.device], dict[str, Callable[[torch.Tensor], object]]]  # {"pytorch": f, "dfs": f}
     shape: tuple[int, ...]
 
 
 def _conv(c_in: int, c_out: int):
-    def build():
+    def build(device):
         torch.manual_seed(0)
-        plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+        plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1, device=device)
         dfs = dfs_kernels.PartitionedConv2d.from_conv(plain, beta=0.5, backend="aten")
         return {"pytorch": plain, "dfs": dfs}
     return build
 
 
 def _linear(features: int):
-    def build():
+    def build(device):
         torch.manual_seed(0)
-        plain = torch.nn.Linear(features, features)
+        plain = torch.nn.Linear(features, features, device=device)
         dfs = dfs_kernels.PartitionedLinear.from_linear(plain, beta=0.5, backend="aten")
         return {"pytorch": plain, "dfs": dfs}
     return build
@@ -76,7 +76,7 @@ def _reroute(channels: int):
         shared, referenced = x[:, :cp], x[:, cp:]
         return torch.cat([shared, referenced.detach()], 1), torch.cat([shared.detach(), referenced], 1)
 
-    def build():
+    def build(device):
         return {"pytorch": literal, "dfs": lambda x: functional.reroute(x, cp, backend="aten")}
     return build
 
@@ -110,29 +110,42 @@ def call(fn: Callable, x: torch.Tensor, phase: str) -> Callable[[], object]:
     return forward_backward
 
 
-def _mean_us(fn: Callable[[], object], calls: int) -> float:
+def mean_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Microseconds per call of ``calls`` calls in a row; on GPU the calls are queued and synchronized
+    once, so a call costs its host time wherever the device waits on the host (tiny shapes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(rounds: int, tiny_calls: int, large_calls: int) -> list[dict]:
-    """[{case, shape, phase, pytorch_us, dfs_us}]: per call, the minimum over ``rounds`` interleaved
-    rounds of the mean over ``tiny_calls`` (``large_calls`` at the realistic shapes) calls."""
+def measure_pair(fns: dict[str, Callable[[], object]], rounds: int, calls: int, device: torch.device) -> dict:
+    """{name: us per call}: the minimum over ``rounds`` interleaved rounds of the mean of ``calls`` calls."""
+    for fn in fns.values():  # warm-up: first-call registrations, oneDNN primitive caches
+        mean_us(fn, max(2, calls // 10), device)
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], mean_us(fn, calls, device))
+    return best
+
+
+def measure(rounds: int, tiny_calls: int, large_calls: int, device: torch.device, tiny_only: bool = False) -> list[dict]:
+    """[{case, shape, phase, pytorch_us, dfs_us}] of every case (the tiny ones with ``tiny_only``):
+    ``measure_pair`` with ``tiny_calls`` calls (``large_calls`` at the realistic shapes)."""
     rows = []
     for case in CASES:
-        x = torch.randn(case.shape)
-        impls = case.build()
-        calls = tiny_calls if case.tiny else large_calls
+        if tiny_only and not case.tiny:
+            continue
+        x = torch.randn(case.shape, device=device)
+        impls = case.build(device)
         for phase in PHASES:
             fns = {name: call(fn, x, phase) for name, fn in impls.items()}
-            for fn in fns.values():  # warm-up: first-call registrations, oneDNN primitive caches
-                _mean_us(fn, max(2, calls // 10))
-            best = {name: float("inf") for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    best[name] = min(best[name], _mean_us(fn, calls))
+            best = measure_pair(fns, rounds, tiny_calls if case.tiny else large_calls, device)
             rows.append({"case": case.name, "shape": list(case.shape), "tiny": case.tiny, "phase": phase,
                          "pytorch_us": best["pytorch"], "dfs_us": best["dfs"]})
             print(f"{case.name:22s} {phase:12s} pytorch {best['pytorch']:10.1f} us   dfs {best['dfs']:10.1f} us")
@@ -156,22 +169,12 @@ def pytest_generate_tests(metafunc):
 
 def test_host_overhead(benchmark, case, impl, phase):
     torch.set_num_threads(1)
-    fn = call(case.build()[impl], torch.randn(case.shape), phase)
+    fn = call(case.build(torch.device("cpu"))[impl], torch.randn(case.shape), phase)
     benchmark.group = f"{case.name} {phase}"
     benchmark(fn)
 
 
 # --- script: JSON, summary, plot -------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _commit() -> str:
@@ -198,22 +201,27 @@ def write_summary(record: dict, before: dict | None, path: pathlib.Path) -> None
         f"{record['capability']}, commit {record['commit']}. Minimum over {record['rounds']} interleaved rounds "
         "of the mean per call (`python bench/bench_host_overhead.py`).",
         "",
-        "| case | phase | PyTorch us | DFS us | DFS - PyTorch us |" + (" DFS before us |" if earlier else "")
+        "| case | phase | PyTorch us | DFS us | DFS - PyTorch us | DFS / PyTorch |"
+        + (" before: PyTorch us | before: DFS us | before: DFS / PyTorch |" if earlier else "")
         + " target (tiny shapes) |",
-        "|---|---|---|---|---|" + ("---|" if earlier else "") + "---|",
+        "|---|---|---|---|---|---|" + ("---|---|---|" if earlier else "") + "---|",
     ]
     for row in record["results"]:
-        before_cell = ""
+        before_cells = ""
         if earlier:
             old = earlier.get((row["case"], row["phase"]))
-            before_cell = f" {old['dfs_us']:.1f} |" if old else " - |"
+            before_cells = (f" {old['pytorch_us']:.1f} | {old['dfs_us']:.1f} | {old['dfs_us'] / old['pytorch_us']:.2f} |"
+                            if old else " - | - | - |")
         target = _verdict(row) if row["tiny"] else "-"
         lines.append(f"| {row['case']} {row['shape']} | {row['phase']} | {row['pytorch_us']:.1f} | "
-                     f"{row['dfs_us']:.1f} | {row['dfs_us'] - row['pytorch_us']:+.1f} |{before_cell} {target} |")
+                     f"{row['dfs_us']:.1f} | {row['dfs_us'] - row['pytorch_us']:+.1f} | "
+                     f"{row['dfs_us'] / row['pytorch_us']:.2f} |{before_cells} {target} |")
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot(record: dict, before: dict | None, path: pathlib.Path) -> None:
+    """DFS time / PyTorch time per call at the tiny shapes (1 = no overhead), before and after when
+    an earlier record is given: a ratio, so that the machine's speed at the time cancels out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,18 +229,20 @@ def plot(record: dict, before: dict | None, path: pathlib.Path) -> None:
 
     rows = [row for row in record["results"] if row["tiny"]]
     earlier = {(r["case"], r["phase"]): r for r in before["results"]} if before else {}
-    series = [("PyTorch", [row["pytorch_us"] for row in rows])]
+    series = []
     if earlier:
-        series.append(("DFS before", [earlier[(row["case"], row["phase"])]["dfs_us"] for row in rows]))
-    series.append(("DFS" if not earlier else "DFS after", [row["dfs_us"] for row in rows]))
+        old = [earlier[(row["case"], row["phase"])] for row in rows]
+        series.append(("before", [r["dfs_us"] / r["pytorch_us"] for r in old]))
+    series.append(("after" if earlier else "DFS", [row["dfs_us"] / row["pytorch_us"] for row in rows]))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, (label, values) in enumerate(series):
         ax.bar([j + i * width for j in range(len(rows))], values, width, label=label)
+    ax.axhline(1.0, color="k", linewidth=0.8)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(rows))])
     ax.set_xticklabels([f"{row['case']}\n{row['phase']}" for row in rows], fontsize=8)
-    ax.set_ylabel("us per call (one thread)")
-    ax.set_title("Host overhead at tiny shapes")
+    ax.set_ylabel("DFS / PyTorch time per call")
+    ax.set_title(f"Host overhead at tiny shapes ({record['cpu']}, {record['threads']} thread)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -245,11 +255,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tiny-calls", type=int, default=400)
     parser.add_argument("--large-calls", type=int, default=3)
+    parser.add_argument("--tiny-only", action="store_true", help="only the tiny shapes")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = measure(args.rounds, args.tiny_calls, args.large_calls)
+    results = measure(args.rounds, args.tiny_calls, args.large_calls, torch.device("cpu"), args.tiny_only)
     record = {
-        "date": datetime.date.today().isoformat(), "cpu": _cpu_model(), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "torch": torch.__version__,
         "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
         "commit": _commit(), "rounds": args.rounds, "results": results,
     }

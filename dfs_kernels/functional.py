@@ -258,6 +258,8 @@ def reroute(
     """
     axis = check_channel_axis(x, dim, "x")
     check_shared_channels(shared_channels, x.shape[axis])
+    if records_no_derivative():  # both views are x
+        return x, x
     return _ops(backend, x.device).reroute(x, int(shared_channels), axis)
 
 
@@ -268,6 +270,8 @@ def exit_reference(
     x: [N, C, H, W] with ``dim=1``, or channels on another axis (``dim=-1`` for tokens [N, T, D])."""
     axis = check_channel_axis(x, dim, "x")
     check_shared_channels(shared_channels, x.shape[axis])
+    if records_no_derivative():  # the view is x
+        return x
     return _ops(backend, x.device).exit_reference(x, int(shared_channels), axis)
 
 
