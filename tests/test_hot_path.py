@@ -116,3 +116,10 @@ def test_no_grad_shortcut_keeps_forward_ad():
     )
     torch.testing.assert_close(out, expected)
     assert functional.records_no_derivative() is False  # grad mode is back on here
+
+
+@pytest.mark.parametrize("name", ["triton_partitioned_conv2d", "triton_partitioned_linear", "triton_exit_avg_pool"])
+def test_triton_ops_keep_their_python_formulas(name):
+    """triton_op gives every Triton op an Autograd kernel of torch's own, which must not be taken for a
+    C++ formula: the Python one is what the Triton backend differentiates with."""
+    assert not dfs_kernels._library.has_autograd_kernel(f"dfs_kernels::{name}")
