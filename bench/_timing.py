@@ -7,6 +7,8 @@ measures the memory one step allocates on top of what was live before it.
 
 from __future__ import annotations
 
+import pathlib
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -41,6 +43,17 @@ class PhaseClock:
             self._marks[-1].synchronize()
             return [begin.elapsed_time(end) / 1e3 for begin, end in pairs]
         return [end - begin for begin, end in pairs]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def median(values: list[float]) -> float:

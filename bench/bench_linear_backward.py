@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import statistics
 import time
 
 import torch
 
 import dfs_kernels
+from _timing import cpu_model
 
 SHAPES = {  # name: (in_features, out_features) of BERT-base's projections
     "qkv 768->768": (768, 768),
@@ -32,16 +32,6 @@ SHAPES = {  # name: (in_features, out_features) of BERT-base's projections
     "ffn-out 3072->768": (3072, 768),
 }
 TARGET_FRACTION = 1 / 3  # of the input-gradient time
-
-
-def _cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _variants(tokens: int, in_features: int, out_features: int, beta: float) -> dict:
@@ -117,7 +107,7 @@ def main() -> None:
               f"{'met' if row['target_met'] else 'NOT met'}")
 
     report = {
-        "benchmark": "linear_backward", "device": "cpu", "cpu_model": _cpu_model(),
+        "benchmark": "linear_backward", "device": "cpu", "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "repeats": args.repeats, "noise": "mad_ms: median absolute deviation",
         "results": results,

@@ -3,7 +3,7 @@
     python bench/gpu_check.py OUT_DIR                 # on the GPU machine, from the repository root
     python bench/gpu_check.py OUT_DIR --dry-run       # every phase on CPU at tiny sizes (CI)
 
-Four phases, each in a subprocess with its own time limit (``--deadline``, default 540 s, shrinks
+Five phases, each in a subprocess with its own time limit (``--deadline``, default 540 s, shrinks
 the later phases' limits to what is left), so that a slow or failing phase is reported and the run
 goes on; a phase saves its figures as it goes, so one stopped by its limit still reports what it
 measured:
@@ -20,6 +20,9 @@ measured:
 - ``kernels``: ``bench_triton_kernels.bench_shape`` on the convolutions of VGG7-64 and ResNet-18
   (CIFAR, batch 256), bfloat16 channels-last, then TF32 while time is left: forward, shared-only
   input gradient and weight gradient of each backend against cuDNN's full convolution.
+- ``host_overhead``: the tiny shapes of ``bench_host_overhead.py`` (PartitionedConv2d, PartitionedLinear,
+  reroute against their PyTorch counterparts), fwd+bwd and no-grad forward, eager and replayed from a
+  CUDA graph: the microseconds per call that the host adds.
 - ``train_step``: ``train_step.main`` for VGG7-64 and ResNet-18 at batch 256, bfloat16, channels-last:
   dsn, dfs_eager and dfs on each backend, with R_ideal, R_measured, FPS gain and peak memory.
 
@@ -46,10 +49,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-PHASES = ("build", "correctness", "kernels", "train_step")
+PHASES = ("build", "correctness", "kernels", "host_overhead", "train_step")
 # Seconds per phase, before the overall deadline shrinks them (a phase never gets more than is left).
-PHASE_LIMITS_S = {"build": 150, "correctness": 150, "kernels": 150, "train_step": 160}
-DRY_RUN_LIMITS_S = {"build": 60, "correctness": 120, "kernels": 90, "train_step": 120}
+PHASE_LIMITS_S = {"build": 150, "correctness": 150, "kernels": 150, "host_overhead": 40, "train_step": 160}
+DRY_RUN_LIMITS_S = {"build": 60, "correctness": 120, "kernels": 90, "host_overhead": 60, "train_step": 120}
 RESULT_NAME = "gpu_check.json"
 MODELS = ("vgg7", "resnet18")
 
@@ -202,7 +205,7 @@ def run_phase(args: argparse.Namespace) -> int:
     record = PhaseRecord(args.out_dir / f".{args.phase}.json")
     record.save()
     phase = {"build": phase_build, "correctness": phase_correctness, "kernels": phase_kernels,
-             "train_step": phase_train_step}[args.phase]
+             "host_overhead": phase_host_overhead, "train_step": phase_train_step}[args.phase]
     phase(record, args)
     record.save()
     return 0
@@ -422,15 +425,7 @@ def check_cuda_graph(backend, device, shape) -> None:
                                                                    backend=backend)
         return (out, pooled, *torch.autograd.grad((out, pooled.sum()), (x, w, b), (dy, None)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (autotuning, allocations) off the capture
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     with torch.no_grad():
         for tensor in (x, w, b):
             tensor.copy_(torch.randn_like(tensor))
@@ -438,6 +433,23 @@ def check_cuda_graph(backend, device, shape) -> None:
     torch.cuda.synchronize()
     for index, (replayed, eager) in enumerate(zip(captured, step())):
         assert_close(replayed, eager, name=f"replayed output {index}", dtype=torch.float32)
+
+
+def capture(fn):
+    """(CUDA graph of one call of ``fn``, the outputs it captured), after a warm-up (autotuning,
+    allocations, gradients' first creation) on a side stream, off the capture."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    return graph, captured
 
 
 def check_compile(backend, device, shape, *, dry_run: bool) -> None:
@@ -568,6 +580,37 @@ def plot_kernels(rows: list[dict], path: Path) -> str:
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path.name
+
+
+# --- host overhead ----------------------------------------------------------------------------------
+
+
+def phase_host_overhead(record: PhaseRecord, args: argparse.Namespace) -> None:
+    """Per call, the DFS modules and reroute against their PyTorch counterparts at the tiny shapes of
+    bench/bench_host_overhead.py, where a call is almost all host work: eager (what the host adds) and
+    replayed from a CUDA graph (what is left without the host)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import torch
+
+    import bench_host_overhead as overhead
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    rounds, calls = (1, 3) if args.dry_run else (5, 200)
+    record.update(device=device.type, rows=[])
+    for case in (case for case in overhead.CASES if case.tiny):
+        x = torch.randn(case.shape, device=device)
+        impls = case.build(device)
+        for phase in overhead.PHASES:
+            fns = {name: overhead.call(fn, x, phase) for name, fn in impls.items()}
+            for mode in ("eager", "cuda graph"):
+                with record.check(f"host overhead {case.name} {phase} {mode}"):
+                    if mode == "cuda graph":
+                        if device.type != "cuda":
+                            raise SkipCheck("CUDA graphs need a CUDA device")
+                        fns = {name: capture(fn)[0].replay for name, fn in fns.items()}
+                    best = overhead.measure_pair(fns, rounds, calls, device)
+                    record["rows"].append({"case": case.name, "shape": list(case.shape), "phase": phase,
+                                           "mode": mode, "pytorch_us": best["pytorch"], "dfs_us": best["dfs"]})
 
 
 # --- training step ----------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 // Schemas of every compiled dfs_kernels op, grouped by op family in the order of dfs_kernels/ops/.
 // Implementations register elsewhere: the ATen composites in partitioned_conv2d.cpp, the CPU kernels in
 // cpu/, the CUDA kernels in cuda/ (CUDA builds only; the cudnn_* ops only where cuDNN was found too).
-// Fakes, autograd formulas and FLOP formulas are registered from Python, once per family, for every
-// backend's prefix (dfs_kernels/ops/). The "triton" backend defines the same schemas with the prefix
-// triton_ (dfs_kernels/backends/triton/), so one autograd formula serves every backend.
+// The autograd of the forward ops of "aten" and "cudnn" is C++ (csrc/autograd/, one autograd Function per
+// op); fakes, FLOP formulas and the autograd of the backward ops (differentiated only by double backward)
+// are registered from Python, once per family (dfs_kernels/ops/). The "triton" backend defines the same
+// schemas with the prefix triton_ (dfs_kernels/backends/triton/) and the Python autograd formulas, which
+// compute what the C++ ones do.
 #include <torch/library.h>
 
 #include <vector>
@@ -80,4 +82,11 @@ TORCH_LIBRARY(dfs_kernels, m) {
   // cat(parts, dim=1) zero-filled up to `channels` channels, in one pass: how the "aten" input gradient
   // places the shared channels' gradient in the full-size tensor.
   m.def("pad_channels(Tensor[] parts, int channels) -> Tensor", kAnyLayout);
+
+  // --- split points (dfs_kernels/ops/channels.py) ---
+  // (backbone, exit) = ([x+, sg(x-)], [sg(x+), x-]) on channel axis dim: both views of x; the gradient of
+  // x is the backbone's on [0, shared_channels) and the exit's on the rest (merge_channels).
+  m.def("reroute(Tensor(a) x, int shared_channels, int dim) -> (Tensor(a), Tensor(a))");
+  // [sg(x+), x-]: a view of x whose gradient reaches channels [shared_channels, C) of axis dim only.
+  m.def("exit_reference(Tensor(a) x, int shared_channels, int dim) -> Tensor(a)");
 }

@@ -82,6 +82,14 @@ def has_kernels_for(device_type: str) -> bool:
     return device_type in KERNEL_DEVICE_TYPES
 
 
+def has_autograd_kernel(qualname: str) -> bool:
+    """Whether the compiled library registered op ``qualname``'s autograd in C++ (csrc/autograd/): then
+    no Python formula is registered for it (dfs_kernels/ops/). The Triton ops (``triton_``) are defined in
+    Python by ``torch.library.triton_op``, whose own Autograd kernel only waits for a Python formula."""
+    return (LOADED and not qualname.startswith(f"{NAMESPACE}::triton_")
+            and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"))
+
+
 # The "cudnn" backend's ops have CUDA kernels only in a CUDA build where cuDNN was found (CMakeLists.txt).
 CUDNN_BACKEND_BUILT = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
     f"{NAMESPACE}::cudnn_partitioned_conv2d_input_grad", "CUDA"

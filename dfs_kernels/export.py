@@ -5,8 +5,8 @@ Deep Feature Surgery changes gradients only: the forward of every DFS op is an A
 ``partitioned_conv2d_with_exit_pool`` is that convolution and a mean over (H, W) of its input, and
 ``exit_avg_pool`` is that mean (on another channel axis, the functional layer records the view it pools
 as ATen views), ``partitioned_linear`` is ``aten.linear`` (core ATen: a transpose and ``addmm`` or
-``matmul``); ``reroute`` and ``exit_reference`` are autograd Functions returning
-views, which ``torch.export`` already records as ATen views. So a trained DFS model leaves as a plain
+``matmul``); ``reroute`` and ``exit_reference`` are views of x: traced code records the Python
+autograd Functions' views as ATen views, and the compiled ops (eager only) lower to ``aten.alias``. So a trained DFS model leaves as a plain
 network::
 
     program = torch.export.export(model.eval(), (images,))
@@ -52,11 +52,21 @@ def _linear(input, weight, bias, shared_features):
     return torch.ops.aten.linear.default(input, weight, bias)
 
 
+def _views(x, shared_channels, dim):
+    return torch.ops.aten.alias.default(x), torch.ops.aten.alias.default(x)
+
+
+def _view(x, shared_channels, dim):
+    return torch.ops.aten.alias.default(x)
+
+
 FORWARD_DECOMPOSITIONS: dict[str, Callable] = {
     "partitioned_conv2d": _convolution,
     "partitioned_linear": _linear,
     "partitioned_conv2d_with_exit_pool": _convolution_and_pool,
     "exit_avg_pool": _mean_over_pixels,
+    "reroute": _views,
+    "exit_reference": _view,
 }
 """The forward of each DFS op family as ATen ops; every backend's op of a family has the same schema."""
 

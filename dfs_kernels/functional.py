@@ -96,6 +96,36 @@ def _ops(backend: str, device: torch.device):
     return resolved
 
 
+def records_no_derivative() -> bool:
+    """Whether no derivative of any kind is being recorded: grad mode off (``torch.no_grad``, inference
+    mode), no forward-mode AD, no ``torch.func`` transform. A DFS op's forward is then its PyTorch
+    counterpart's (the partition changes derivatives only), which the modules call directly."""
+    return (not torch.is_grad_enabled() and forward_ad._current_level < 0
+            and not torch._C._are_functorch_transforms_active())
+
+
+_RESOLVES_TO_ATEN: dict[tuple[str, str], bool] = {}  # (backend, device type) -> whether "aten" runs it
+
+
+def eager_aten(backend: str, input: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether a module, whose configuration was validated at construction, may call the compiled "aten"
+    op on ``input`` directly, without the per-call checks of this module: eager (not traced), outside
+    function transforms, forward-mode AD and autocast, ``input`` of ``weight``'s dtype and device, and
+    ``backend`` resolving to "aten" on that device. Any other call goes through the functions here."""
+    if (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled() or forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    if weight is not None and (input.dtype != weight.dtype or input.device != weight.device):
+        return False
+    key = (backend, input.device.type)
+    if key not in _RESOLVES_TO_ATEN:
+        try:
+            _RESOLVES_TO_ATEN[key] = backends.resolve_backend(backend, key[1]) == "aten"
+        except ValueError:  # unavailable: the validating call raises the error that says why
+            return False
+    return _RESOLVES_TO_ATEN[key]
+
+
 _HAS_MKLDNN = torch.backends.mkldnn.is_available()  # read once: Dynamo cannot trace the call
 
 
@@ -228,6 +258,8 @@ def reroute(
     """
     axis = check_channel_axis(x, dim, "x")
     check_shared_channels(shared_channels, x.shape[axis])
+    if records_no_derivative():  # both views are x
+        return x, x
     return _ops(backend, x.device).reroute(x, int(shared_channels), axis)
 
 
@@ -238,6 +270,8 @@ def exit_reference(
     x: [N, C, H, W] with ``dim=1``, or channels on another axis (``dim=-1`` for tokens [N, T, D])."""
     axis = check_channel_axis(x, dim, "x")
     check_shared_channels(shared_channels, x.shape[axis])
+    if records_no_derivative():  # the view is x
+        return x
     return _ops(backend, x.device).exit_reference(x, int(shared_channels), axis)
 
 

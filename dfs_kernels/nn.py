@@ -124,6 +124,17 @@ class PartitionedConv2d(_ChannelPartition, nn.Conv2d):
     def _partitioned_size(self) -> int:
         return self.in_channels
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if functional.records_no_derivative():  # the forward is nn.Conv2d's
+            return nn.Conv2d._conv_forward(self, input, self.weight, self.bias)
+        if (self.padding_mode == "zeros" and not isinstance(self.padding, str) and input.dim() == 4
+                and input.shape[1] == self.in_channels and functional.eager_aten(self.backend, input, self.weight)):
+            return torch.ops.dfs_kernels.partitioned_conv2d.default(
+                input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                self._shared_count,
+            )
+        return self._conv_forward(input, self.weight, self.bias)
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -230,6 +241,11 @@ class PartitionedLinear(_Partition, nn.Linear):
         self._shared_count = int(value)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if functional.records_no_derivative():  # the forward is nn.Linear's
+            return nn.functional.linear(input, self.weight, self.bias)
+        if input.dim() >= 1 and input.shape[-1] == self.in_features and functional.eager_aten(
+                self.backend, input, self.weight):
+            return torch.ops.dfs_kernels.partitioned_linear.default(input, self.weight, self.bias, self._shared_count)
         return functional.partitioned_linear(
             input, self.weight, self.bias, shared_features=self.shared_features, backend=self.backend
         )
@@ -317,6 +333,8 @@ class ExitHead(_ChannelPartition, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, "x", channels=self.fc.in_features)
+        if functional.records_no_derivative():  # the pooled read is a plain mean
+            return self.fc(x.mean((2, 3)))
         pooled = functional.exit_avg_pool(x, self.shared_channels, backend=self.backend)
         return self.fc(pooled)
 
@@ -348,6 +366,12 @@ class FeatureReroute(_ChannelPartition, nn.Module):
         return self.channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if functional.records_no_derivative():  # both views are x
+            return x, x
+        rank = x.dim()
+        if ((rank == 4 if self.dim == 1 else rank >= 2 and self.dim == -1) and x.shape[self.dim] == self.channels
+                and x.is_floating_point() and functional.eager_aten(self.backend, x)):
+            return torch.ops.dfs_kernels.reroute.default(x, self._shared_count, self.dim % rank)
         check_channel_axis(x, self.dim, "x", channels=self.channels)
         return functional.reroute(x, self.shared_channels, dim=self.dim, backend=self.backend)
 

@@ -250,6 +250,10 @@ def opcheck_cases(backend: str, device="cpu", dtype=torch.float32) -> list[tuple
         cases += [
             ("pad_channels", ([t(2, 2, 5, 4), t(2, 1, 5, 4)], 6)),
             ("pad_channels", ([x_cl[:, :3]], 6)),
+            ("reroute", (leaf(x), 2, 1)),
+            ("reroute", (leaf(tokens), 3, 2)),
+            ("exit_reference", (leaf(x_cl), 0, 1)),
+            ("exit_reference", (leaf(tokens), 7, 2)),
         ]
     if backend == "triton":
         cases.append(("triton_conv2d_weight_grad", (grad_out, x_cl, w, [1, 1], [1, 1], [1, 1], 1, True)))

@@ -31,7 +31,7 @@ def test_dry_run_passes_every_phase_and_reports_every_figure(tmp_path):
     assert result.returncode == 0, (result.stdout[-2000:], logs)
     assert record["dry_run"] is True
     assert record["wall_s"] < record["deadline_s"]
-    assert list(record["phases"]) == ["build", "correctness", "kernels", "train_step"]
+    assert list(record["phases"]) == ["build", "correctness", "kernels", "host_overhead", "train_step"]
     for name, entry in record["phases"].items():
         assert entry["status"] == "passed", (name, entry.get("failed_checks"), logs[name])
         assert entry["seconds"] <= entry["limit_s"]
@@ -59,6 +59,12 @@ def test_dry_run_passes_every_phase_and_reports_every_figure(tmp_path):
     ratio = kernels["summary"][kernels["modes"][0]]["input_grad"][f"{backends[0]}-shared"]["geomean_vs_cudnn"]
     assert ratio > 0
 
+    host = record["phases"]["host_overhead"]
+    assert {(row["case"], row["phase"]) for row in host["rows"]} == {
+        (case, phase) for case in ("conv 3x3 8->8", "linear 8->8", "reroute C=8 Cp=4")
+        for phase in ("fwd+bwd", "no-grad fwd")}
+    assert all(row["pytorch_us"] > 0 and row["dfs_us"] > 0 for row in host["rows"])
+
     models = record["phases"]["train_step"]["models"]
     assert set(models) == {"vgg7", "resnet18"}
     for summary in models.values():
@@ -70,7 +76,8 @@ def test_dry_run_passes_every_phase_and_reports_every_figure(tmp_path):
             assert entry["fps_gain_vs_dsn"] is not None
 
     files = set(record["files"])
-    assert files == {"build.log", "correctness.log", "kernels.log", "train_step.log", "kernels.png", "train_step.png"}
+    assert files == {"build.log", "correctness.log", "kernels.log", "host_overhead.log", "train_step.log",
+                     "kernels.png", "train_step.png"}
     assert {path.name for path in tmp_path.iterdir()} == files | {"gpu_check.json"}  # no leftovers
 
 
@@ -78,14 +85,14 @@ def test_a_phase_over_its_limit_is_reported_and_the_run_goes_on(tmp_path):
     """Correctness gets 6 s (far less than it needs), the benchmarks none: the JSON still comes,
     with the phase marked timeout and what it checked before the limit, the others skipped."""
     result, record = run_gpu_check(tmp_path, "--limit", "correctness=6", "--limit", "kernels=0",
-                                   "--limit", "train_step=0", timeout=300)
+                                   "--limit", "host_overhead=0", "--limit", "train_step=0", timeout=300)
     assert result.returncode == 1
     phases = record["phases"]
     assert phases["build"]["status"] == "passed"
     assert phases["correctness"]["status"] == "timeout"
     assert phases["correctness"]["seconds"] < 30
     assert isinstance(phases["correctness"]["checks"], list)  # what it saved before it was stopped
-    assert phases["kernels"]["status"] == phases["train_step"]["status"] == "skipped"
+    assert phases["kernels"]["status"] == phases["host_overhead"]["status"] == phases["train_step"]["status"] == "skipped"
     assert phases["kernels"]["reason"] == "its limit (0 s) is under 5 s"
 
 

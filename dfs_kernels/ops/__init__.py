@@ -5,8 +5,9 @@ family under that schema with its prefix (``"aten"``: none, ``"cudnn"``: ``cudnn
 ``triton_``); the schemas of the compiled ops are in ``csrc/registration.cpp``, the Triton ones repeat
 them (``dfs_kernels/backends/triton``). Each family file holds, for every prefix at once, what sits
 between the functional layer and the kernels: the fake (for ``torch.compile`` and ``opcheck``), the
-autograd formula (one ``setup_context`` and ``backward`` for every backend), the FLOP formula, and the
-calls the functional layer makes.
+autograd formula (one ``setup_context`` and ``backward`` for every backend; the forward ops of the
+compiled backends run the same formula written in C++, csrc/autograd/, and register no Python one), the
+FLOP formula, and the calls the functional layer makes.
 
 - ``partitioned_conv2d``: ``partitioned_conv2d``, ``partitioned_conv2d_with_exit_pool``,
   ``partitioned_conv2d_input_grad`` (and the Triton weight gradient).

@@ -7,8 +7,15 @@ from collections.abc import Callable
 
 import torch
 
+from .. import _library
 from .channels import ExitReference, Reroute
 from .exit_avg_pool import pooled_feature_map
+
+
+# The compiled split points (csrc/autograd/split_point_autograd.cpp) serve the "" glue prefix in eager mode.
+# Traced code keeps the Python Functions: torch.compile cannot functionalize a custom op whose outputs are
+# views of its input.
+_COMPILED_SPLIT_POINTS = _library.has_autograd_kernel("dfs_kernels::reroute")
 
 
 def _no_check(tensor: torch.Tensor) -> None:
@@ -54,8 +61,12 @@ class OpSet:
 
     def reroute(self, x, shared_channels, dim=1):
         self.check_input(x)
+        if _COMPILED_SPLIT_POINTS and self.glue_prefix == "" and not torch.compiler.is_compiling():
+            return torch.ops.dfs_kernels.reroute.default(x, shared_channels, dim)
         return Reroute.apply(x, shared_channels, dim, self.glue_prefix)
 
     def exit_reference(self, x, shared_channels, dim=1):
         self.check_input(x)
+        if _COMPILED_SPLIT_POINTS and self.glue_prefix == "" and not torch.compiler.is_compiling():
+            return torch.ops.dfs_kernels.exit_reference.default(x, shared_channels, dim)
         return ExitReference.apply(x, shared_channels, dim, self.glue_prefix)

@@ -5,10 +5,12 @@ views built on it:
   ``tail``, a missing one read as zeros, in one pass: the gradient of a split point.
 - ``pad_channels(parts, channels)`` (aten only): ``cat(parts, 1)`` zero-filled to ``channels``
   channels, in one pass; the compiled input gradient uses it.
-- ``Reroute`` / ``ExitReference``: the backbone view ``[x+, sg(x-)]`` and the exit view
-  ``[sg(x+), x-]`` of x, both views (no copy), whose gradients are assembled by ``merge_channels``.
-  They are autograd Functions because a registered op may not return aliases of its input. The
-  channels are on any axis ``dim``: the gradients are read as [A, C, B, 1] (``as_feature_map``), which
+- ``reroute`` / ``exit_reference``: the backbone view ``[x+, sg(x-)]`` and the exit view ``[sg(x+), x-]``
+  of x, both views (no copy), whose gradients are assembled by ``merge_channels``. Two forms compute
+  the same: the compiled ops ``dfs_kernels::reroute`` / ``exit_reference`` (aten, eager; their autograd
+  is C++, csrc/autograd/split_point_autograd.cpp), and the Python autograd Functions ``Reroute`` /
+  ``ExitReference`` below (Triton, and code that torch.compile traces, which cannot functionalize a
+  custom op returning views of its input). The channels are on any axis ``dim``: the gradients are read as [A, C, B, 1] (``as_feature_map``), which
   for tokens [N, T, D] on dim -1 is the view [N * T, D, 1, 1], so the same one-pass kernels serve them.
 """
 
@@ -60,14 +62,25 @@ def _pad_backward(ctx, grad):
     return [grad[:, start:stop] for start, stop in zip(offsets, offsets[1:])], None
 
 
+def _reroute_fake(x, shared_channels, dim):
+    return x.view_as(x), x.view_as(x)
+
+
+def _exit_reference_fake(x, shared_channels, dim):
+    return x.view_as(x)
+
+
 def register(prefix: str) -> None:
-    """Fakes and autograd of ``dfs_kernels::{prefix}merge_channels`` (and of ``pad_channels`` for aten)."""
+    """Fakes and autograd of ``dfs_kernels::{prefix}merge_channels`` (and, for aten, of ``pad_channels``
+    and the fakes of the compiled split points, whose autograd is C++)."""
     merge = f"dfs_kernels::{prefix}merge_channels"
     torch.library.register_fake(merge, _merge_fake)
     torch.library.register_autograd(merge, _merge_backward, setup_context=_merge_setup_context)
     if prefix == "":
         torch.library.register_fake("dfs_kernels::pad_channels", _pad_fake)
         torch.library.register_autograd("dfs_kernels::pad_channels", _pad_backward, setup_context=_pad_setup_context)
+        torch.library.register_fake("dfs_kernels::reroute", _reroute_fake)
+        torch.library.register_fake("dfs_kernels::exit_reference", _exit_reference_fake)
 
 
 def as_feature_map(tensor: torch.Tensor, dim: int) -> torch.Tensor:

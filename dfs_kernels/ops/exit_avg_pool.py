@@ -21,6 +21,7 @@ import math
 import torch
 from torch._prims_common import suggest_memory_format
 
+from .. import _library
 from . import _composite
 
 
@@ -70,5 +71,7 @@ def register(prefix: str) -> None:
     pool, backward = f"dfs_kernels::{prefix}exit_avg_pool", f"dfs_kernels::{prefix}exit_avg_pool_backward"
     torch.library.register_fake(pool, _pool_fake)
     torch.library.register_fake(backward, _pool_backward_fake)
-    torch.library.register_autograd(pool, functools.partial(_pool_backward, prefix), setup_context=_pool_setup_context)
+    if not _library.has_autograd_kernel(pool):  # "aten": C++ (csrc/autograd/split_point_autograd.cpp)
+        torch.library.register_autograd(pool, functools.partial(_pool_backward, prefix),
+                                        setup_context=_pool_setup_context)
     torch.library.register_autograd(backward, _pool_backward_backward, setup_context=_pool_backward_setup_context)

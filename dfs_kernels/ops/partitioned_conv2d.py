@@ -11,9 +11,9 @@
   (Triton only, the one backend with a weight-gradient kernel of its own): ``(dL/dW, dL/db)``. It has no
   derivative of its own (differentiating it raises an error saying what to differentiate instead).
 
-Backward (one formula for every backend): the weight and bias gradients in full (ATen's, that is
-oneDNN / cuDNN; Triton's own kernel for ``triton_``) and the input gradient by the backend's
-``..._input_grad``. The referenced channels' input gradient is never computed: that is the saving.
+Backward (one formula for every backend, written in C++ for "aten" and "cudnn": csrc/autograd/): the
+weight and bias gradients in full (ATen's, that is oneDNN / cuDNN; Triton's own kernel for ``triton_``)
+and the input gradient by the backend's ``..._input_grad``. The referenced channels' input gradient is never computed: that is the saving.
 The input gradient is a tensor at every Cp (zeros at Cp = 0). A recorded backward
 (``create_graph=True``) uses the differentiable formulas of ``_composite`` instead.
 """
@@ -25,6 +25,7 @@ import functools
 import torch
 from torch._prims_common import suggest_memory_format
 
+from .. import _library
 from . import _composite, _flops
 
 FORWARD = "partitioned_conv2d"
@@ -173,12 +174,11 @@ def register(conv_prefix: str, glue_prefix: str) -> None:
     torch.library.register_fake(names[FORWARD], functools.partial(_conv_fake, follows_input))
     torch.library.register_fake(names[STAGE], functools.partial(_stage_fake, follows_input))
     torch.library.register_fake(names[INPUT_GRAD], _input_grad_fake)
-    torch.library.register_autograd(
-        names[FORWARD], functools.partial(_conv_backward, conv_prefix, glue_prefix), setup_context=_setup_context
-    )
-    torch.library.register_autograd(
-        names[STAGE], functools.partial(_stage_backward, conv_prefix, glue_prefix), setup_context=_setup_context
-    )
+    for name, backward in ((FORWARD, _conv_backward), (STAGE, _stage_backward)):
+        if not _library.has_autograd_kernel(names[name]):  # "aten" and "cudnn": C++ (csrc/autograd/)
+            torch.library.register_autograd(
+                names[name], functools.partial(backward, conv_prefix, glue_prefix), setup_context=_setup_context
+            )
     torch.library.register_autograd(names[INPUT_GRAD], _input_grad_backward, setup_context=_input_grad_setup_context)
     if conv_prefix in _WEIGHT_AND_BIAS_GRADS:
         weight_grad = f"dfs_kernels::{conv_prefix}{WEIGHT_GRAD}"

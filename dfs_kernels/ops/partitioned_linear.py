@@ -7,8 +7,9 @@
   gradient of features [0, Cp) only, ``grad_output @ weight[:, :Cp]``, written into its slice of the
   full [..., in_features] gradient, whose features [Cp, in_features) are zeros: one tensor.
 
-Backward (one formula for every backend): the weight and bias gradients in full, by ATen's GEMM and
-sum (on every backend, Triton's included), and the input gradient by the backend's ``..._input_grad``.
+Backward (one formula for every backend, written in C++ for "aten" and "cudnn": csrc/autograd/): the
+weight and bias gradients in full, by ATen's GEMM and sum (on every backend, Triton's included), and the
+input gradient by the backend's ``..._input_grad``.
 The referenced features' input gradient is never computed: that is the saving, (1 - Cp / in_features)
 of the input-gradient GEMM. A recorded backward (``create_graph=True``) uses the differentiable
 formulas of ``_composite`` instead.
@@ -20,6 +21,7 @@ import functools
 
 import torch
 
+from .. import _library
 from . import _composite, _flops
 
 FORWARD = "partitioned_linear"
@@ -81,6 +83,7 @@ def register(prefix: str) -> None:
     forward, input_grad = f"dfs_kernels::{prefix}{FORWARD}", f"dfs_kernels::{prefix}{INPUT_GRAD}"
     torch.library.register_fake(forward, _linear_fake)
     torch.library.register_fake(input_grad, _input_grad_fake)
-    torch.library.register_autograd(forward, functools.partial(_backward, prefix), setup_context=_setup_context)
+    if not _library.has_autograd_kernel(forward):  # "aten" and "cudnn": C++ (csrc/autograd/)
+        torch.library.register_autograd(forward, functools.partial(_backward, prefix), setup_context=_setup_context)
     torch.library.register_autograd(input_grad, _input_grad_backward, setup_context=_input_grad_setup_context)
     _flops.register_linear_flops(forward=[_op(prefix, FORWARD)], input_grad=[_op(prefix, INPUT_GRAD)])
