@@ -27,12 +27,10 @@ from ._exit_points import as_call, check_run_order, find_exit_modules, record, s
 from ._exit_points import example_input as default_example_input
 from ._validation import check_beta, check_shared_channels, shared_channels_for
 from .backends import check_backend_name
+from .models._common import EXIT_GRADS, FLAVOURS
 from .nn import _replace, partitioned_like
 
 __all__ = ["MultiExitModel", "PooledExitHead", "final_logits", "multi_exit"]
-
-FLAVOURS = ("dfs", "dfs_eager", "dsn")
-EXIT_GRADS = ("partitioned", "all")
 
 
 class PooledExitHead(nn.Module):
